@@ -1,0 +1,120 @@
+"""Swarm vs local generation speed, measured in one run on this machine.
+
+Local: the same block code in this process with KV caches. Swarm: a bootstrap node and 3 peers on loopback
+with disjoint spans (3 hops per step). Both run the same token loop (`generate_tokens`); a step is one call
+of the blocks for one new token. per_hop_overhead_ms = (median swarm step - median local step) / hops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from blockswarm.client import DistributedModelForCausalLM
+from blockswarm.client.generation import generate_tokens
+from blockswarm.client.sampling import SamplingParams
+from blockswarm.local_swarm import LocalSwarm
+from blockswarm.models import KVCache, init_random_model, load_blocks, load_config, load_ends
+
+
+def timed(step, times: list[float]):
+    def run(hidden: torch.Tensor) -> torch.Tensor:
+        began = time.perf_counter()
+        out = step(hidden)
+        times.append(time.perf_counter() - began)
+        return out
+
+    return run
+
+
+def measure(ends, step, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """(median seconds per single-token step, tokens per second of the whole loop), prefill excluded."""
+    times: list[float] = []
+    began = time.perf_counter()
+    generate_tokens(ends, timed(step, times), prompt, prompt, new_tokens, SamplingParams())
+    total = time.perf_counter() - began - times[0]
+    decode_steps = times[1:]
+    return statistics.median(decode_steps), len(decode_steps) / total
+
+
+def local_step(model_dir: Path, max_length: int):
+    config = load_config(model_dir)
+    blocks = load_blocks(model_dir, 0, config.num_blocks, progress=False)
+    caches = [KVCache.allocate(config, 1, max_length, torch.float32, "cpu") for _ in blocks]
+    position = 0
+
+    def step(hidden: torch.Tensor) -> torch.Tensor:
+        nonlocal position
+        with torch.no_grad():
+            for block, cache in zip(blocks, caches):
+                hidden = block(hidden, position=position, cache=cache)
+        position += hidden.shape[1]
+        return hidden
+
+    return step
+
+
+def spans(num_blocks: int, peers: int) -> list[str]:
+    bounds = [round(i * num_blocks / peers) for i in range(peers + 1)]
+    return [f"{a}:{b}" for a, b in zip(bounds, bounds[1:])]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--preset", default="tiny", choices=["tiny", "small", "medium"])
+    parser.add_argument("--peers", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating local/swarm rounds")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-generate-"))
+    model_dir = init_random_model(work / args.preset, preset=args.preset)
+    config = load_config(model_dir)
+    ends = load_ends(model_dir)
+    prompt = torch.randint(3, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    max_length = prompt.shape[1] + args.new_tokens
+
+    with LocalSwarm(model_dir, work / "logs") as swarm:
+        swarm.start_bootstrap()
+        launched = [swarm.start_peer("--blocks", span, wait=False) for span in spans(config.num_blocks, args.peers)]
+        for process in launched:
+            swarm.wait_peer(process)
+        with DistributedModelForCausalLM.from_pretrained(model_dir, swarm.initial_peers) as model:
+            hops = len(model.remote.router.route(0, config.num_blocks))
+            local_medians, local_rates, swarm_medians, swarm_rates = [], [], [], []
+            measure(ends, local_step(model_dir, max_length), prompt, 8)  # warm-up
+            with model.inference_session(max_length=max_length) as warmup:
+                measure(ends, warmup.step, prompt, 8)
+            for _ in range(args.rounds):
+                median, rate = measure(ends, local_step(model_dir, max_length), prompt, args.new_tokens)
+                local_medians.append(median)
+                local_rates.append(rate)
+                with model.inference_session(max_length=max_length) as session:
+                    median, rate = measure(ends, session.step, prompt, args.new_tokens)
+                swarm_medians.append(median)
+                swarm_rates.append(rate)
+
+    local_ms = statistics.median(local_medians) * 1e3
+    swarm_ms = statistics.median(swarm_medians) * 1e3
+    result = {
+        "preset": args.preset,
+        "peers": args.peers,
+        "hops": hops,
+        "swarm_steps_per_s": round(statistics.median(swarm_rates), 2),
+        "local_steps_per_s": round(statistics.median(local_rates), 2),
+        "ratio": round(local_ms / swarm_ms, 3),
+        "per_hop_overhead_ms": round((swarm_ms - local_ms) / hops, 3),
+        "swarm_step_ms_median": round(swarm_ms, 3),
+        "local_step_ms_median": round(local_ms, 3),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

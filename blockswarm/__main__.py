@@ -1,0 +1,3 @@
+from blockswarm.cli import main
+
+main()

@@ -1,0 +1,220 @@
+"""`blockswarm <command>`: run-dht, run-server, init-model, generate, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+DEFAULT_HOST = "0.0.0.0"
+
+
+def _span(text: str) -> tuple[int, int]:
+    try:
+        start, end = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:END (e.g. 0:8), got {text!r}") from None
+    return start, end
+
+
+def _add_network_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--initial-peers",
+        nargs="*",
+        default=[],
+        metavar="MADDR",
+        help="multiaddrs of any peers of the swarm to join through",
+    )
+    parser.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default: all interfaces)")
+    parser.add_argument("--port", type=int, default=0, help="TCP port to listen on (default: any free port)")
+    parser.add_argument(
+        "--announce-addr",
+        nargs="*",
+        default=[],
+        metavar="MADDR",
+        dest="announce_addrs",
+        help="multiaddrs others should use to reach this node (behind NAT/port forwarding)",
+    )
+    parser.add_argument(
+        "--identity",
+        dest="identity_path",
+        default=None,
+        metavar="PATH",
+        help="private key file: keeps the same peer id across restarts (created if missing)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blockswarm", description=__doc__)
+    parser.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    dht = commands.add_parser("run-dht", help="run a bootstrap DHT node and print its multiaddrs")
+    _add_network_args(dht)
+
+    server = commands.add_parser(
+        "run-server",
+        help="serve a span of a model's blocks to the swarm",
+        description="Serve a span of transformer blocks. Loads only the tensors of the served blocks.",
+    )
+    server.add_argument("model", help="local Hugging Face checkpoint directory or hub id (from the local cache)")
+    _add_network_args(server)
+    span = server.add_mutually_exclusive_group()
+    span.add_argument("--blocks", type=_span, metavar="START:END", help="serve exactly blocks [START, END)")
+    span.add_argument(
+        "--num-blocks",
+        type=int,
+        metavar="N",
+        help="serve N blocks where the swarm is weakest (default: all blocks)",
+    )
+    server.add_argument("--new-swarm", action="store_true", help="start a new swarm instead of joining one")
+    server.add_argument(
+        "--model-name",
+        default=None,
+        help="name announced on the DHT (default: hub id, or folder name + weights hash)",
+    )
+    server.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
+    server.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="compute dtype (default: float32 on CPU, bfloat16/float16 on GPU)",
+    )
+    server.add_argument(
+        "--cache-tokens",
+        type=int,
+        default=8192,
+        help="KV cache size in tokens (for every served block), shared by all sessions",
+    )
+    server.add_argument("--public-name", default=None, help="a name shown in the swarm monitor")
+    server.add_argument("--update-period", type=float, default=30.0, help="seconds between DHT re-announcements")
+    server.add_argument(
+        "--session-timeout",
+        type=float,
+        default=120.0,
+        help="idle seconds before an inference session is closed and its cache freed",
+    )
+
+    init = commands.add_parser("init-model", help="write a random-weight Hugging Face checkpoint for testing")
+    init.add_argument("dir")
+    init.add_argument("--preset", default="tiny", choices=["tiny", "small", "medium"])
+    init.add_argument("--family", default="llama", choices=["llama", "mistral", "qwen2"])
+    init.add_argument("--seed", type=int, default=0)
+
+    generate = commands.add_parser("generate", help="generate text through the swarm")
+    generate.add_argument("model")
+    generate.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR")
+    generate.add_argument("--prompt", default="A swarm of volunteers")
+    generate.add_argument("--max-new-tokens", type=int, default=32)
+    generate.add_argument("--do-sample", action="store_true")
+    generate.add_argument("--temperature", type=float, default=1.0)
+    generate.add_argument("--top-k", type=int, default=None)
+    generate.add_argument("--top-p", type=float, default=None)
+
+    demo = commands.add_parser("demo", help="build a tiny model, start a local swarm and generate through it")
+    demo.add_argument("--dir", default=".demo", help="where the model and the logs go (default: .demo)")
+    demo.add_argument("--preset", default="tiny", choices=["tiny", "small", "medium"])
+    demo.add_argument("--peers", type=int, default=3)
+    demo.add_argument("--max-new-tokens", type=int, default=24)
+    return parser
+
+
+def run_dht(args: argparse.Namespace) -> None:
+    from blockswarm.peer.server import ServerOptions, start_dht
+
+    options = ServerOptions(
+        model="",
+        initial_peers=args.initial_peers,
+        new_swarm=True,
+        host=args.host,
+        port=args.port,
+        announce_addrs=args.announce_addrs,
+        identity_path=args.identity_path,
+    )
+    dht, _ = start_dht(options)
+    maddrs = ",".join(str(addr) for addr in dht.get_visible_maddrs())
+    print(f"blockswarm dht ready: maddrs={maddrs}", flush=True)
+    print(f"Peers join with: blockswarm run-server MODEL --initial-peers {maddrs.replace(',', ' ')}", flush=True)
+    stop = asyncio.Event()
+
+    async def wait() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+
+    try:
+        asyncio.run(wait())
+    finally:
+        dht.shutdown()
+
+
+def run_server(args: argparse.Namespace) -> None:
+    from blockswarm.peer.handlers import ServingLimits
+    from blockswarm.peer.server import Server, ServerOptions
+
+    options = ServerOptions(
+        model=args.model,
+        model_name=args.model_name,
+        blocks=args.blocks,
+        num_blocks=args.num_blocks,
+        initial_peers=args.initial_peers,
+        new_swarm=args.new_swarm,
+        host=args.host,
+        port=args.port,
+        announce_addrs=args.announce_addrs,
+        identity_path=args.identity_path,
+        device=args.device,
+        dtype=args.dtype,
+        cache_tokens=args.cache_tokens,
+        public_name=args.public_name,
+        update_period=args.update_period,
+        limits=ServingLimits(session_timeout=args.session_timeout),
+    )
+    Server(options).run()
+
+
+def init_model(args: argparse.Namespace) -> None:
+    from blockswarm.models import init_random_model
+
+    path = init_random_model(args.dir, preset=args.preset, family=args.family, seed=args.seed)
+    print(f"wrote a random-weight {args.family} model ({args.preset} preset) to {path}")
+
+
+def generate(args: argparse.Namespace) -> None:
+    from transformers import AutoTokenizer
+
+    from blockswarm.client import DistributedModelForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+    with DistributedModelForCausalLM.from_pretrained(args.model, args.initial_peers) as model:
+        output = model.generate(
+            input_ids,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=args.do_sample,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+        )
+    print(tokenizer.decode(output[0]))
+
+
+def demo(args: argparse.Namespace) -> None:
+    from blockswarm.demo import run_demo
+
+    run_demo(args.dir, args.preset, args.peers, args.max_new_tokens)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    commands = {
+        "run-dht": run_dht,
+        "run-server": run_server,
+        "init-model": init_model,
+        "generate": generate,
+        "demo": demo,
+    }
+    commands[args.command](args)

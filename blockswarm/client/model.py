@@ -1,0 +1,167 @@
+"""DistributedModelForCausalLM: embeddings and head here, transformer blocks on the swarm."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from blockswarm.client.generation import generate_tokens
+from blockswarm.client.remote_blocks import RemoteBlocks
+from blockswarm.client.sampling import SamplingParams
+from blockswarm.models import ModelConfig, load_config, load_ends, weights_fingerprint
+from blockswarm.models.naming import swarm_model_name
+from blockswarm.pipeline.inference import InferenceSession
+
+
+class GenerationSession:
+    """KV caches kept on the peers across `generate` calls; tracks every token the session has seen.
+
+    Use through `with model.inference_session(max_length=N) as session:`.
+    """
+
+    def __init__(self, model: DistributedModelForCausalLM, max_length: int, batch_size: int):
+        self.model = model
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.token_ids = torch.empty(batch_size, 0, dtype=torch.long)
+        self.pending_ids = torch.empty(batch_size, 0, dtype=torch.long)
+        self._remote: InferenceSession | None = None
+
+    @property
+    def position(self) -> int:
+        """Tokens the peers have processed."""
+        return self.token_ids.shape[1] - self.pending_ids.shape[1]
+
+    def step(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self._remote is None:
+            self._remote = self.model.remote.open_session(self.max_length, self.batch_size)
+        return self.model.remote.step(self._remote, hidden)
+
+    def close(self) -> None:
+        if self._remote is not None:
+            self.model.remote.close_session(self._remote)
+            self._remote = None
+
+    def __enter__(self) -> GenerationSession:
+        if self.model.active_session is not None:
+            raise RuntimeError("an inference session is already active on this model; close it first")
+        self.model.active_session = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.model.active_session = None
+        self.close()
+
+
+class DistributedModelForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, ends: nn.Module, remote: RemoteBlocks):
+        super().__init__()
+        self.config = config
+        self.ends = ends
+        self.remote = remote
+        self.active_session: GenerationSession | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        initial_peers: list[str],
+        *,
+        model_name: str | None = None,
+        dtype: torch.dtype = torch.float32,
+        codec: str = "none",
+        step_timeout: float = 30.0,
+    ) -> DistributedModelForCausalLM:
+        """Load the embeddings and head from `name_or_path` and join the swarm through `initial_peers`.
+
+        `model_name` is the name the peers announce; by default it is derived from the checkpoint exactly as
+        `blockswarm run-server` derives it.
+        """
+        config = load_config(name_or_path)
+        model_name = model_name or swarm_model_name(name_or_path, weights_fingerprint(name_or_path))
+        ends = load_ends(name_or_path, dtype=dtype)
+        remote = RemoteBlocks(model_name, config, list(initial_peers), codec=codec, step_timeout=step_timeout)
+        return cls(config, ends, remote)
+
+    def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """Logits [batch, seq_len, vocab]; `.backward()` flows through the remote blocks."""
+        return self.ends.logits(self.remote.forward(self.ends.embed(input_ids)))
+
+    def inference_session(self, max_length: int, batch_size: int = 1) -> GenerationSession:
+        return GenerationSession(self, max_length, batch_size)
+
+    def generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        max_new_tokens: int = 20,
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        eos_token_id: int | None = None,
+        attention_mask: torch.Tensor | None = None,
+        session: GenerationSession | None = None,
+    ) -> torch.LongTensor:
+        """Like Hugging Face `generate`. Inside an inference session, `input_ids` are tokens to append after
+        everything the session has seen (None: just continue), and the result is the session's whole sequence."""
+        params = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty)
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("padded batches are not supported: pass sequences of equal length without padding")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        session = session or self.active_session
+        if session is None:
+            if input_ids is None:
+                raise ValueError("input_ids are required outside an inference session")
+            with self.inference_session(input_ids.shape[1] + max_new_tokens, input_ids.shape[0]) as temporary:
+                return self._generate_in(temporary, input_ids, max_new_tokens, params, eos_token_id)
+        return self._generate_in(session, input_ids, max_new_tokens, params, eos_token_id)
+
+    def _generate_in(
+        self,
+        session: GenerationSession,
+        input_ids: torch.LongTensor | None,
+        max_new_tokens: int,
+        params: SamplingParams,
+        eos_token_id: int | None,
+    ) -> torch.LongTensor:
+        if input_ids is not None:
+            input_ids = torch.as_tensor(input_ids, dtype=torch.long)
+            if input_ids.dim() != 2 or input_ids.shape[0] != session.batch_size:
+                raise ValueError(
+                    f"input_ids must have shape [{session.batch_size}, seq_len], got {list(input_ids.shape)}"
+                )
+            session.token_ids = torch.cat([session.token_ids, input_ids], dim=1)
+            session.pending_ids = torch.cat([session.pending_ids, input_ids], dim=1)
+        if session.pending_ids.shape[1] == 0:
+            raise ValueError("nothing to continue from: pass input_ids")
+        needed = session.position + session.pending_ids.shape[1] + max_new_tokens - 1
+        if needed > session.max_length:
+            raise ValueError(
+                f"generating {max_new_tokens} tokens needs a session of max_length >= {needed}, "
+                f"this one has {session.max_length}"
+            )
+        token_ids = generate_tokens(
+            self.ends,
+            session.step,
+            session.token_ids,
+            session.pending_ids,
+            max_new_tokens,
+            params,
+            eos_token_id,
+        )
+        session.token_ids, session.pending_ids = token_ids, token_ids[:, -1:]
+        return token_ids.clone()
+
+    def close(self) -> None:
+        self.remote.shutdown()
+
+    def __enter__(self) -> DistributedModelForCausalLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

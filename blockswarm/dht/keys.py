@@ -1,0 +1,38 @@
+"""DHT key names, so every package agrees on where blocks and models are announced."""
+
+from __future__ import annotations
+
+import re
+
+MODEL_INDEX_KEY = "_blockswarm.models"
+"""Key of the model index: subkey = model name, value = a ModelInfo record."""
+
+MAX_MODEL_NAME_LENGTH = 200
+
+# Hugging Face repo ids ("org/name", dots, dashes, underscores) fit; whitespace, control characters and
+# brackets (which could spoof hivemind's "[owner:...]" marker) do not.
+# A leading "_" is reserved for our own keys (MODEL_INDEX_KEY).
+_MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-/+@]*")
+
+
+def validate_model_name(model: str) -> str:
+    """Return `model` unchanged if it can name a model in DHT keys; else raise a ValueError saying why."""
+    if not isinstance(model, str):
+        raise ValueError(f"model name must be a string, got {type(model).__name__}")
+    if not model:
+        raise ValueError("model name must not be empty")
+    if len(model) > MAX_MODEL_NAME_LENGTH:
+        raise ValueError(f"model name is {len(model)} characters long, the limit is {MAX_MODEL_NAME_LENGTH}")
+    if _MODEL_NAME_RE.fullmatch(model) is None:
+        raise ValueError(
+            f"model name {model!r} must start with a letter or digit and contain only letters, digits "
+            "and the characters . _ - / + @ (no whitespace or brackets)"
+        )
+    return model
+
+
+def block_key(model: str, index: int) -> str:
+    """DHT key under which the peers serving block `index` of `model` announce themselves."""
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise ValueError(f"block index must be a non-negative int, got {index!r}")
+    return f"{validate_model_name(model)}.{index}"

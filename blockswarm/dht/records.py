@@ -1,0 +1,98 @@
+"""Versioned records stored in the DHT.
+
+Every record goes on the wire as a msgpack map tagged with `"_bs": <kind>` ("server" or "model"), so that
+BlockswarmRecordValidator can tell our records from other applications' values sharing the DHT. Parsing is
+strict (no "2" -> 2 coercion: a peer sending the wrong types is broken or hostile) but ignores unknown fields,
+so peers running a newer version that adds fields stay readable.
+"""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+RECORD_TAG = "_bs"
+"""Field that marks a DHT value as a blockswarm record; its value is the record kind."""
+
+
+class ServerState(str, Enum):
+    """Life cycle of a peer: announced while loading, serving, finishing sessions before leaving, gone."""
+
+    JOINING = "joining"
+    ONLINE = "online"
+    DRAINING = "draining"
+    OFFLINE = "offline"
+
+
+class _WireRecord(BaseModel):
+    """Common wire encoding: a tagged plain dict that hivemind's msgpack serializer can carry."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    KIND: ClassVar[str]
+
+    record_version: int = 1
+
+    def to_wire(self) -> dict[str, Any]:
+        return {RECORD_TAG: self.KIND, **self.model_dump(mode="json")}
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> Any:
+        """Parse a value read from the DHT; None when it is not a valid record of this kind."""
+        if not isinstance(raw, dict) or raw.get(RECORD_TAG) != cls.KIND:
+            return None
+        try:
+            return cls.model_validate(raw)
+        except ValidationError:
+            return None
+
+
+class ServerInfo(_WireRecord):
+    """What a peer announces under each block key it serves."""
+
+    KIND: ClassVar[str] = "server"
+
+    state: ServerState = Field(strict=False)  # arrives as its string value
+    start: int = Field(ge=0)
+    end: int = Field(gt=0)
+    throughput: float = Field(default=1.0, ge=0, allow_inf_nan=False)
+    inference_rps: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    forward_rps: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    network_rps: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    cache_tokens_left: int = Field(default=0, ge=0)
+    dtype: str = Field(default="float32", max_length=32)
+    quant: str = Field(default="none", max_length=32)
+    codecs: list[str] = Field(default_factory=lambda: ["none"], max_length=16)
+    version: str = Field(default="", max_length=64)
+    public_name: str | None = Field(default=None, max_length=64)
+    using_relay: bool = False
+    next_pings: dict[str, float] = Field(default_factory=dict, max_length=256)
+
+    @model_validator(mode="after")
+    def _check(self) -> ServerInfo:
+        if self.start >= self.end:
+            raise ValueError(f"empty span: start={self.start} >= end={self.end}")
+        if any(not math.isfinite(rtt) or rtt < 0 for rtt in self.next_pings.values()):
+            raise ValueError("next_pings must hold finite non-negative round-trip times")
+        return self
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> ServerInfo | None:
+        return super().from_wire(raw)
+
+
+class ModelInfo(_WireRecord):
+    """Entry of the model index: lets clients and peers check they mean the same model."""
+
+    KIND: ClassVar[str] = "model"
+
+    num_blocks: int = Field(gt=0)
+    family: str = Field(max_length=64)
+    config_hash: str = Field(max_length=128)
+    weights_hash: str = Field(max_length=128)
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> ModelInfo | None:
+        return super().from_wire(raw)

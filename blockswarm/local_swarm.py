@@ -1,0 +1,125 @@
+"""Start a swarm of local processes (a bootstrap node and peers) for the demo, tests and benchmarks."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+READY_DHT = re.compile(r"blockswarm dht ready: maddrs=(\S+)")
+READY_PEER = re.compile(r"blockswarm peer ready: model=(\S+) blocks=(\d+):(\d+) peer_id=(\S+) maddrs=(.*)")
+
+
+@dataclass
+class LocalProcess:
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+    maddrs: list[str] = field(default_factory=list)
+    peer_id: str | None = None
+    span: tuple[int, int] | None = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def signal(self, sig: int) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        self.signal(signal.SIGTERM)
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            return self.popen.wait()
+
+
+class LocalSwarm:
+    """Owns its processes: `with LocalSwarm(...) as swarm:` stops every one of them on exit."""
+
+    def __init__(self, model: str | Path, work_dir: str | Path, host: str = "127.0.0.1", ready_timeout: float = 120):
+        self.model = str(model)
+        self.work_dir = Path(work_dir)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.host = host
+        self.ready_timeout = ready_timeout
+        self.processes: list[LocalProcess] = []
+        self.bootstrap: LocalProcess | None = None
+
+    @property
+    def initial_peers(self) -> list[str]:
+        if self.bootstrap is None:
+            raise RuntimeError("start the bootstrap node first")
+        return self.bootstrap.maddrs
+
+    def start_bootstrap(self) -> LocalProcess:
+        process = self._spawn("dht", ["run-dht", "--host", self.host])
+        (maddrs,) = self._wait_ready(process, READY_DHT).groups()
+        process.maddrs = maddrs.split(",")
+        self.bootstrap = process
+        return process
+
+    def start_peer(self, *args: str, name: str | None = None, wait: bool = True) -> LocalProcess:
+        """`args` are extra `run-server` options, e.g. ("--blocks", "0:4")."""
+        name = name or f"peer{sum(p.name.startswith('peer') for p in self.processes)}"
+        command = [
+            "run-server",
+            self.model,
+            "--host",
+            self.host,
+            "--initial-peers",
+            *self.initial_peers,
+            *args,
+        ]
+        process = self._spawn(name, command)
+        if wait:
+            self.wait_peer(process)
+        return process
+
+    def wait_peer(self, process: LocalProcess) -> LocalProcess:
+        match = self._wait_ready(process, READY_PEER)
+        process.span = (int(match.group(2)), int(match.group(3)))
+        process.peer_id = match.group(4)
+        process.maddrs = match.group(5).split()
+        return process
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            process.stop()
+
+    def __enter__(self) -> LocalSwarm:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _spawn(self, name: str, args: list[str]) -> LocalProcess:
+        log_path = self.work_dir / f"{name}.log"
+        log = open(log_path, "w")  # noqa: SIM115 - handed to the child process
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "blockswarm", *args], stdout=log, stderr=subprocess.STDOUT, env=env
+        )
+        log.close()
+        process = LocalProcess(name, popen, log_path)
+        self.processes.append(process)
+        return process
+
+    def _wait_ready(self, process: LocalProcess, pattern: re.Pattern) -> re.Match:
+        deadline = time.monotonic() + self.ready_timeout
+        while time.monotonic() < deadline:
+            match = pattern.search(process.log())
+            if match:
+                return match
+            if process.popen.poll() is not None:
+                raise RuntimeError(
+                    f"{process.name} exited with code {process.popen.returncode}:\n{process.log()[-3000:]}"
+                )
+            time.sleep(0.1)
+        raise TimeoutError(f"{process.name} not ready after {self.ready_timeout:.0f} s:\n{process.log()[-3000:]}")

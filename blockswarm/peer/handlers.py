@@ -1,0 +1,218 @@
+"""RPC handlers: validate every request, run it on the backend, reply or explain what was wrong.
+
+A bad request gets an error reply on its own stream; it never reaches the math and never stops the peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import torch
+from hivemind.p2p import P2P, P2PContext
+from hivemind.proto import runtime_pb2
+from hivemind.proto.p2pd_pb2 import RPCError
+
+from blockswarm.compression.codecs import CODECS, WireFormatError, decode_tensor, encode_tensor
+from blockswarm.peer.backend import BlockBackend
+from blockswarm.peer.cache import CacheFullError, CachePool
+from blockswarm.wire.framing import FramingError, pack, receive
+from blockswarm.wire.messages import (
+    BACKWARD_RPC,
+    FORWARD_RPC,
+    INFERENCE_RPC,
+    INFO_RPC,
+    ChainRequest,
+    InferenceStep,
+    OpenSession,
+    PeerStatus,
+    StepReply,
+)
+
+logger = logging.getLogger(__name__)
+
+ACCEPTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class RequestError(ValueError):
+    """The request is invalid; its message is sent back to the caller verbatim."""
+
+
+@dataclass(frozen=True)
+class ServingLimits:
+    max_batch_tokens: int = 8192  # batch x sequence tokens in one forward/backward/inference step
+    max_session_length: int = 8192
+    session_timeout: float = 120.0  # idle seconds before an inference session is closed and its cache freed
+    step_timeout: float = 300.0  # the most a client may wait between messages of one frame
+    alloc_timeout: float = 10.0  # how long a new session waits for cache room
+
+    def max_request_bytes(self, hidden_size: int) -> int:
+        return 2 * self.max_batch_tokens * hidden_size * 4 + 2**16
+
+
+class RequestHandlers:
+    def __init__(
+        self,
+        model: str,
+        backend: BlockBackend,
+        cache: CachePool,
+        limits: ServingLimits,
+        status: Callable[[], dict],
+    ):
+        self.model = model
+        self.backend = backend
+        self.cache = cache
+        self.limits = limits
+        self._status = status
+        self._max_bytes = limits.max_request_bytes(backend.config.hidden_size)
+
+    async def register(self, p2p: P2P) -> None:
+        await p2p.add_protobuf_handler(INFO_RPC, self.rpc_info, runtime_pb2.ExpertRequest)
+        for name, handler in (
+            (INFERENCE_RPC, self.rpc_inference),
+            (FORWARD_RPC, self.rpc_forward),
+            (BACKWARD_RPC, self.rpc_backward),
+        ):
+            await p2p.add_protobuf_handler(
+                name, handler, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
+            )
+
+    async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        status = PeerStatus(
+            model=self.model,
+            start=self.backend.start,
+            end=self.backend.end,
+            cache_tokens_left=self.cache.tokens_left,
+            max_batch_tokens=self.limits.max_batch_tokens,
+            max_session_length=self.limits.max_session_length,
+            session_timeout=self.limits.session_timeout,
+            **self._status(),
+        )
+        return next(pack(status, [], runtime_pb2.ExpertResponse))
+
+    async def rpc_inference(self, requests: AsyncIterator, context: P2PContext) -> AsyncIterator:
+        try:
+            frame = await self._receive(requests, OpenSession, self.limits.step_timeout)
+            if frame is None:
+                return
+            session, _ = frame
+            self._check_span(session.start, session.end)
+            self._check_codec(session.codec)
+            if session.batch_size < 1 or session.max_length < 1:
+                raise RequestError("batch_size and max_length must be positive")
+            if session.max_length > self.limits.max_session_length:
+                raise RequestError(
+                    f"max_length {session.max_length} exceeds this peer's limit of {self.limits.max_session_length}"
+                )
+            num_blocks = session.end - session.start
+            async with self.cache.allocate(
+                num_blocks, session.batch_size, session.max_length, self.limits.alloc_timeout
+            ) as caches:
+                length = 0
+                while True:
+                    frame = await self._receive(requests, InferenceStep, self.limits.session_timeout)
+                    if frame is None:
+                        return
+                    step, payloads = frame
+                    if step.session_id != session.session_id:
+                        raise RequestError(
+                            f"unknown session {step.session_id!r}: this stream serves session {session.session_id!r}"
+                        )
+                    hidden = self._decode_hidden(payloads, expected_batch=session.batch_size)
+                    seq_len = hidden.shape[1]
+                    if not 0 <= step.position <= length:
+                        raise RequestError(
+                            f"position {step.position} is out of range: the session holds {length} tokens, "
+                            "a step must start at or before its end"
+                        )
+                    if step.position + seq_len > session.max_length:
+                        raise RequestError(
+                            f"step of {seq_len} tokens at position {step.position} exceeds the session's "
+                            f"max_length of {session.max_length}"
+                        )
+                    output = await self.backend.run(
+                        self.backend.inference_step, session.start, caches, hidden, step.position
+                    )
+                    length = step.position + seq_len
+                    for message in pack(
+                        StepReply(position=step.position),
+                        [encode_tensor(output, session.codec)],
+                        runtime_pb2.ExpertResponse,
+                    ):
+                        yield message
+        except (RequestError, FramingError, WireFormatError, CacheFullError) as e:
+            yield RPCError(message=str(e))
+        except asyncio.TimeoutError:
+            yield RPCError(message=f"inference session closed after {self.limits.session_timeout:.0f} s idle")
+
+    async def rpc_forward(self, requests: AsyncIterator, context: P2PContext) -> AsyncIterator:
+        try:
+            request, payloads = await self._receive_chain_request(requests, num_tensors=1)
+            hidden = self._decode_hidden(payloads)
+            output = await self.backend.run(self.backend.forward, request.start, request.end, hidden)
+            for message in pack(None, [encode_tensor(output, request.codec)], runtime_pb2.ExpertResponse):
+                yield message
+        except (RequestError, FramingError, WireFormatError) as e:
+            yield RPCError(message=str(e))
+
+    async def rpc_backward(self, requests: AsyncIterator, context: P2PContext) -> AsyncIterator:
+        try:
+            request, payloads = await self._receive_chain_request(requests, num_tensors=2)
+            hidden = self._decode_hidden(payloads[:1])
+            grad_output = self._decode_hidden(payloads[1:])
+            if grad_output.shape != hidden.shape:
+                raise RequestError(f"grad_output shape {list(grad_output.shape)} != inputs shape {list(hidden.shape)}")
+            grad_input = await self.backend.run(self.backend.backward, request.start, request.end, hidden, grad_output)
+            for message in pack(None, [encode_tensor(grad_input, request.codec)], runtime_pb2.ExpertResponse):
+                yield message
+        except (RequestError, FramingError, WireFormatError) as e:
+            yield RPCError(message=str(e))
+
+    async def _receive_chain_request(self, requests: AsyncIterator, num_tensors: int):
+        frame = await self._receive(requests, ChainRequest, self.limits.step_timeout)
+        if frame is None:
+            raise RequestError("empty request")
+        request, payloads = frame
+        self._check_span(request.start, request.end)
+        self._check_codec(request.codec)
+        if len(payloads) != num_tensors:
+            raise RequestError(f"expected {num_tensors} tensors, got {len(payloads)}")
+        return request, payloads
+
+    async def _receive(self, requests: AsyncIterator, schema, timeout: float):
+        return await asyncio.wait_for(receive(requests, schema, self._max_bytes), timeout)
+
+    def _check_span(self, start: int, end: int) -> None:
+        if not self.backend.start <= start < end <= self.backend.end:
+            raise RequestError(
+                f"blocks [{start}, {end}) are not served here: this peer serves "
+                f"[{self.backend.start}, {self.backend.end})"
+            )
+
+    def _check_codec(self, codec: str) -> None:
+        if codec not in CODECS:
+            raise RequestError(f"unsupported codec {codec!r}; this peer supports {sorted(CODECS)}")
+
+    def _decode_hidden(self, payloads: list[bytes], expected_batch: int | None = None) -> torch.Tensor:
+        if len(payloads) != 1:
+            raise RequestError(f"expected exactly one tensor of hidden states, got {len(payloads)}")
+        hidden = decode_tensor(payloads[0])
+        hidden_size = self.backend.config.hidden_size
+        if hidden.dim() != 3 or hidden.shape[-1] != hidden_size:
+            raise RequestError(
+                f"hidden states must have shape [batch, seq_len, {hidden_size}], got {list(hidden.shape)}"
+            )
+        if hidden.dtype not in ACCEPTED_DTYPES:
+            raise RequestError(f"hidden states must be float32, float16 or bfloat16, got {hidden.dtype}")
+        batch, seq_len, _ = hidden.shape
+        if batch < 1 or seq_len < 1:
+            raise RequestError(f"hidden states are empty: shape {list(hidden.shape)}")
+        if expected_batch is not None and batch != expected_batch:
+            raise RequestError(f"batch size {batch} != the session's batch size {expected_batch}")
+        if batch * seq_len > self.limits.max_batch_tokens:
+            raise RequestError(
+                f"{batch} x {seq_len} tokens exceed this peer's limit of {self.limits.max_batch_tokens} per request"
+            )
+        return hidden

@@ -1,0 +1,199 @@
+"""A peer's life: join the DHT, pick and load blocks, announce, serve, and announce OFFLINE on the way out."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from hivemind.dht import DHT
+from hivemind.utils import get_dht_time
+
+from blockswarm import __version__
+from blockswarm.compression.codecs import CODECS
+from blockswarm.dht import (
+    ModelInfo,
+    ServerInfo,
+    ServerState,
+    announce_model,
+    announce_server,
+    get_block_servers,
+    make_validators,
+)
+from blockswarm.models import load_blocks, load_config, weights_fingerprint
+from blockswarm.models.naming import swarm_model_name
+from blockswarm.peer.backend import BlockBackend
+from blockswarm.peer.block_selection import block_coverage, choose_span_start
+from blockswarm.peer.cache import CachePool
+from blockswarm.peer.handlers import RequestHandlers, ServingLimits
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class ServerOptions:
+    model: str
+    model_name: str | None = None  # name on the DHT; derived from the checkpoint when omitted
+    blocks: tuple[int, int] | None = None  # pinned span [start, end)
+    num_blocks: int | None = None  # otherwise: how many blocks to take where the swarm is weakest
+    initial_peers: list[str] = field(default_factory=list)
+    new_swarm: bool = False
+    host: str = "0.0.0.0"
+    port: int = 0
+    announce_addrs: list[str] = field(default_factory=list)
+    identity_path: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    cache_tokens: int = 8192
+    public_name: str | None = None
+    update_period: float = 30.0
+    limits: ServingLimits = field(default_factory=ServingLimits)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def start_dht(options: ServerOptions, client_mode: bool = False) -> tuple[DHT, bytes]:
+    """Start a hivemind DHT node (in its own process) with blockswarm's record validators."""
+    if not options.initial_peers and not options.new_swarm:
+        raise SystemExit(
+            "error: pass --initial-peers with the multiaddr of a peer or `blockswarm run-dht` node of an "
+            "existing swarm, or --new-swarm to start a new one"
+        )
+    validators, public_key = make_validators()
+    host_maddrs = [f"/ip4/{options.host}/tcp/{options.port}"]
+    try:
+        dht = DHT(
+            initial_peers=options.initial_peers,
+            start=True,
+            host_maddrs=host_maddrs,
+            announce_maddrs=options.announce_addrs or None,
+            identity_path=options.identity_path,
+            record_validators=validators,
+            client_mode=client_mode,
+        )
+    except Exception as e:
+        raise SystemExit(
+            f"error: could not join the swarm through {options.initial_peers or 'no initial peers'} "
+            f"while listening on {host_maddrs}: {e}. Check that the initial peers are running and reachable."
+        ) from e
+    return dht, public_key
+
+
+class Server:
+    def __init__(self, options: ServerOptions):
+        self.options = options
+        self.config = load_config(options.model)
+        self.model_name = options.model_name or swarm_model_name(options.model, weights_fingerprint(options.model))
+        self.device = resolve_device(options.device)
+        self.dtype = resolve_dtype(options.dtype, self.device)
+        self.state = ServerState.JOINING
+
+    def run(self) -> None:
+        """Blocks until SIGINT/SIGTERM; the DHT process is forked before any torch threads start."""
+        dht, public_key = start_dht(self.options)
+        try:
+            start, end = self._choose_blocks(dht)
+            self._announce(dht, public_key, start, end, cache_tokens_left=0)
+            blocks = load_blocks(self.options.model, start, end, dtype=self.dtype, device=self.device)
+            backend = BlockBackend(self.config, blocks, start, self.dtype, self.device)
+            try:
+                import uvloop
+
+                uvloop.run(self._serve(dht, public_key, backend))
+            finally:
+                backend.shutdown()
+        finally:
+            dht.shutdown()
+
+    def _choose_blocks(self, dht: DHT) -> tuple[int, int]:
+        total = self.config.num_blocks
+        if self.options.blocks is not None:
+            start, end = self.options.blocks
+            if not 0 <= start < end <= total:
+                raise SystemExit(f"error: --blocks {start}:{end} is outside the model's blocks 0:{total}")
+            return start, end
+        count = self.options.num_blocks or total
+        if not 0 < count <= total:
+            raise SystemExit(f"error: --num-blocks {count} must be between 1 and {total}")
+        coverage = block_coverage(get_block_servers(dht, self.model_name, 0, total, latest=True), exclude=[dht.peer_id])
+        start = choose_span_start(coverage, count)
+        return start, start + count
+
+    def _status(self) -> dict:
+        return dict(
+            state=self.state.value,
+            version=__version__,
+            dtype=str(self.dtype).removeprefix("torch."),
+            quant="none",
+            codecs=sorted(CODECS),
+        )
+
+    def _announce(self, dht: DHT, public_key: bytes, start: int, end: int, cache_tokens_left: int) -> None:
+        ttl = max(2 * self.options.update_period, self.options.update_period + 10)
+        expiration = get_dht_time() + ttl
+        info = ServerInfo(
+            state=self.state,
+            start=start,
+            end=end,
+            cache_tokens_left=cache_tokens_left,
+            public_name=self.options.public_name,
+            **{k: v for k, v in self._status().items() if k != "state"},
+        )
+        if not announce_server(dht, self.model_name, info, public_key, expiration):
+            logger.warning("could not store this peer's record on the DHT; will retry")
+        model_info = ModelInfo(
+            num_blocks=self.config.num_blocks,
+            family=self.config.family,
+            config_hash=self.config.fingerprint(),
+            weights_hash=weights_fingerprint(self.options.model),
+        )
+        announce_model(dht, self.model_name, model_info, expiration)
+
+    async def _serve(self, dht: DHT, public_key: bytes, backend: BlockBackend) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        p2p = await dht.replicate_p2p()
+        cache = CachePool(self.options.cache_tokens, len(backend.blocks), backend.make_cache)
+        handlers = RequestHandlers(self.model_name, backend, cache, self.options.limits, self._status)
+        await handlers.register(p2p)
+
+        async def announce() -> None:
+            await asyncio.to_thread(self._announce, dht, public_key, backend.start, backend.end, cache.tokens_left)
+
+        self.state = ServerState.ONLINE
+        await announce()
+        maddrs = " ".join(str(a) for a in await p2p.get_visible_maddrs())
+        print(
+            f"blockswarm peer ready: model={self.model_name} blocks={backend.start}:{backend.end} "
+            f"peer_id={dht.peer_id} maddrs={maddrs}",
+            flush=True,
+        )
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), self.options.update_period)
+            except asyncio.TimeoutError:
+                await announce()
+        self.state = ServerState.OFFLINE
+        await announce()
+        print("blockswarm peer stopped: announced OFFLINE", file=sys.stderr, flush=True)

@@ -1,0 +1,1 @@
+"""Executing a route: inference sessions over peer streams, forward/backward chains."""

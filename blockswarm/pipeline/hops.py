@@ -1,0 +1,44 @@
+"""What the pipeline needs from routing, stated here so that routing depends on the pipeline and not back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from hivemind.p2p import PeerID
+
+
+@dataclass(frozen=True)
+class Hop:
+    """Blocks [start, end) computed by one peer."""
+
+    peer_id: PeerID
+    start: int
+    end: int
+
+
+class Router(Protocol):
+    def route(self, start: int, end: int) -> list[Hop]:
+        """Consecutive hops covering blocks [start, end); raises NoRouteError when some block has no peer."""
+
+    def ban(self, peer_id: PeerID) -> None:
+        """Stop routing through a peer that failed."""
+
+
+class NoRouteError(RuntimeError):
+    """Some blocks are served by no usable peer."""
+
+    def __init__(self, model: str, missing_blocks: list[int], detail: str = ""):
+        self.missing_blocks = missing_blocks
+        shown = ", ".join(map(str, missing_blocks[:16])) + (", ..." if len(missing_blocks) > 16 else "")
+        super().__init__(
+            f"no usable peer serves block(s) {shown} of model {model!r}" + (f": {detail}" if detail else "")
+        )
+
+
+class PeerError(RuntimeError):
+    """A peer failed a request: an error reply, a broken stream or a timeout."""
+
+    def __init__(self, peer_id: PeerID, message: str):
+        self.peer_id = peer_id
+        super().__init__(f"peer {peer_id}: {message}")

@@ -1,0 +1,1 @@
+"""Swarm view from the DHT, ban list, and route finding."""

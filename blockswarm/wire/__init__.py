@@ -1,0 +1,1 @@
+"""What crosses the network between a client and a peer: RPC names, message schemas, framing."""

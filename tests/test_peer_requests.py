@@ -1,0 +1,164 @@
+"""Malformed requests get clear error replies, and the peer keeps serving correct ones."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hivemind.p2p import PeerID
+
+from blockswarm.compression.codecs import encode_tensor
+from blockswarm.models import load_blocks
+from blockswarm.pipeline.hops import PeerError
+from blockswarm.pipeline.streams import PeerStream, call
+from blockswarm.wire.messages import (
+    FORWARD_RPC,
+    INFERENCE_RPC,
+    ChainRequest,
+    InferenceStep,
+    OpenSession,
+    StepReply,
+)
+
+HIDDEN = 256  # tiny preset
+
+
+@pytest.fixture(scope="module")
+def client(swarm, tiny_model):
+    from blockswarm.client import DistributedModelForCausalLM
+
+    with DistributedModelForCausalLM.from_pretrained(tiny_model, swarm.initial_peers) as model:
+        yield model.remote
+
+
+@pytest.fixture(scope="module")
+def first_peer(swarm) -> PeerID:
+    peer = next(p for p in swarm.processes if p.span and p.span[0] == 0)
+    return PeerID.from_base58(peer.peer_id)
+
+
+def inference(client, peer_id, opening: OpenSession, steps: list[tuple[InferenceStep, bytes]]) -> list:
+    """Open a session, send `steps`, return their outputs (raises PeerError on the first error reply)."""
+
+    async def run():
+        stream = await PeerStream.open(client.p2p, peer_id, INFERENCE_RPC, timeout=10)
+        try:
+            stream.send(opening, [])
+            outputs = []
+            for step, payload in steps:
+                stream.send(step, [payload])
+                outputs.append((await stream.receive(StepReply, timeout=10))[1][0])
+            return outputs
+        finally:
+            await stream.close()
+
+    return client.loop.run(run())
+
+
+def forward(client, peer_id, request: ChainRequest, hidden: torch.Tensor) -> torch.Tensor:
+    return client.loop.run(call(client.p2p, peer_id, FORWARD_RPC, request, [hidden], "none", timeout=10))[0]
+
+
+def opening(**overrides) -> OpenSession:
+    return OpenSession(**{"session_id": "s1", "start": 0, "end": 3, "max_length": 16, **overrides})
+
+
+def step_payload(shape=(1, 2, HIDDEN), dtype=torch.float32) -> bytes:
+    return encode_tensor(torch.randn(shape).to(dtype))
+
+
+BAD_INFERENCE = {
+    "wrong hidden size": (
+        opening(),
+        [(InferenceStep(session_id="s1", position=0), step_payload((1, 2, 255)))],
+        r"shape \[batch, seq_len, 256\]",
+    ),
+    "wrong dtype": (
+        opening(),
+        [(InferenceStep(session_id="s1", position=0), step_payload(dtype=torch.float64))],
+        "float32, float16 or bfloat16",
+    ),
+    "wrong batch": (
+        opening(),
+        [(InferenceStep(session_id="s1", position=0), step_payload((2, 2, HIDDEN)))],
+        "batch size 2",
+    ),
+    "oversize session": (opening(max_length=10**6), [], "exceeds this peer's limit"),
+    "oversize step": (
+        opening(max_length=4),
+        [(InferenceStep(session_id="s1", position=0), step_payload((1, 5, HIDDEN)))],
+        "exceeds the session's max_length",
+    ),
+    "unknown session": (
+        opening(),
+        [(InferenceStep(session_id="nope", position=0), step_payload())],
+        "unknown session 'nope'",
+    ),
+    "position past the end": (
+        opening(),
+        [(InferenceStep(session_id="s1", position=3), step_payload())],
+        "position 3 is out of range",
+    ),
+    "negative position": (
+        opening(),
+        [(InferenceStep(session_id="s1", position=-1), step_payload())],
+        "position -1 is out of range",
+    ),
+    "blocks not served": (opening(end=7), [], r"blocks \[0, 7\) are not served here"),
+    "truncated payload": (
+        opening(),
+        [(InferenceStep(session_id="s1", position=0), step_payload()[:-7])],
+        "bytes were sent",
+    ),
+    "header claims more elements": (
+        opening(),
+        [
+            (
+                InferenceStep(session_id="s1", position=0),
+                step_payload((1, 1, HIDDEN))[:5]
+                + (1000).to_bytes(4, "little")
+                + (1).to_bytes(4, "little")
+                + (HIDDEN).to_bytes(4, "little")
+                + bytes(4 * HIDDEN),
+            )
+        ],
+        "claims shape",
+    ),
+    "garbage payload": (opening(), [(InferenceStep(session_id="s1", position=0), b"\x00" * 40)], "bad magic"),
+    "unsupported codec": (opening(codec="zip"), [], "unsupported codec 'zip'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INFERENCE))
+def test_bad_inference_request_gets_error_reply(client, first_peer, case):
+    session, steps, message = BAD_INFERENCE[case]
+    if not steps:  # errors found at open are reported on the first step
+        steps = [(InferenceStep(session_id=session.session_id, position=0), step_payload())]
+    with pytest.raises(PeerError, match=message):
+        inference(client, first_peer, session, steps)
+
+
+def test_bad_forward_requests_get_error_replies(client, first_peer):
+    with pytest.raises(PeerError, match=r"not served here"):
+        forward(client, first_peer, ChainRequest(start=2, end=5), torch.randn(1, 2, HIDDEN))
+    with pytest.raises(PeerError, match="exceed this peer's limit"):
+        forward(client, first_peer, ChainRequest(start=0, end=3), torch.randn(1, 9000, HIDDEN))
+    with pytest.raises(PeerError, match="shape"):
+        forward(client, first_peer, ChainRequest(start=0, end=3), torch.randn(2, HIDDEN))
+
+
+def test_peer_serves_correctly_after_bad_requests(client, first_peer, tiny_model):
+    for case in ("wrong hidden size", "unknown session", "truncated payload"):
+        test_bad_inference_request_gets_error_reply(client, first_peer, case)
+    blocks = load_blocks(tiny_model, 0, 3, progress=False)
+    hidden = torch.randn(1, 5, HIDDEN)
+    expected = hidden
+    with torch.no_grad():
+        for block in blocks:
+            expected = block(expected)
+    assert torch.allclose(forward(client, first_peer, ChainRequest(start=0, end=3), hidden), expected, atol=1e-5)
+    steps = [
+        (InferenceStep(session_id="s1", position=0), encode_tensor(hidden[:, :3])),
+        (InferenceStep(session_id="s1", position=3), encode_tensor(hidden[:, 3:])),
+    ]
+    first, second = inference(client, first_peer, opening(), steps)
+    assert torch.allclose(torch.cat([first, second], dim=1), expected, atol=1e-5)

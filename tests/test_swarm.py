@@ -1,0 +1,124 @@
+"""A real swarm on loopback gives exactly what the same model gives locally."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from blockswarm.client import DistributedModelForCausalLM
+from blockswarm.dht import ServerState, get_block_servers
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model):
+    return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def model(swarm, tiny_model):
+    with DistributedModelForCausalLM.from_pretrained(tiny_model, swarm.initial_peers) as model:
+        yield model
+
+
+def prompt(length: int = 7, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 4000, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_greedy_generation_equals_local(model, reference):
+    input_ids = prompt(batch=2)
+    expected = reference.generate(input_ids, max_new_tokens=32, do_sample=False, min_new_tokens=32)
+    assert torch.equal(model.generate(input_ids, max_new_tokens=32), expected)
+
+
+def test_logits_equal_local(model, reference):
+    input_ids = prompt(length=12, seed=1)
+    with torch.no_grad():
+        expected = reference(input_ids).logits
+    assert (model(input_ids) - expected).abs().max() <= 1e-4
+
+
+def test_session_spans_two_generate_calls(model, reference):
+    input_ids = prompt(seed=2)
+    expected = reference.generate(input_ids, max_new_tokens=32, do_sample=False, min_new_tokens=32)
+    with model.inference_session(max_length=input_ids.shape[1] + 32) as session:
+        first = model.generate(input_ids, max_new_tokens=16)
+        second = model.generate(None, max_new_tokens=16)
+        assert session.position == input_ids.shape[1] + 31
+    assert torch.equal(first, expected[:, : input_ids.shape[1] + 16])
+    assert torch.equal(second, expected)
+
+
+def test_session_appends_new_tokens(model, reference):
+    first_part, second_part = prompt(seed=3), prompt(length=4, seed=4)
+    with model.inference_session(max_length=40):
+        model.generate(first_part, max_new_tokens=5)
+        out = model.generate(second_part, max_new_tokens=5)
+    context = torch.cat([out[:, :12], second_part], dim=1)
+    assert torch.equal(out[:, :16], context)
+    expected = reference.generate(context, max_new_tokens=5, do_sample=False, min_new_tokens=5)
+    assert torch.equal(out, expected)
+
+
+def test_session_too_short_is_a_clear_error(model):
+    with model.inference_session(max_length=10), pytest.raises(ValueError, match="max_length >= 16"):
+        model.generate(prompt(), max_new_tokens=10)
+
+
+def test_gradients_wrt_input_embeddings_equal_local(model, reference):
+    input_ids = prompt(length=9, seed=5)
+    embeds = model.ends.embed(input_ids).detach().requires_grad_(True)
+    logits = model.ends.logits(model.remote.forward(embeds))
+    loss = torch.nn.functional.cross_entropy(logits[0, :-1], input_ids[0, 1:])
+    loss.backward()
+
+    ref_embeds = reference.get_input_embeddings()(input_ids).detach().requires_grad_(True)
+    ref_logits = reference(inputs_embeds=ref_embeds).logits
+    ref_loss = torch.nn.functional.cross_entropy(ref_logits[0, :-1], input_ids[0, 1:])
+    ref_loss.backward()
+    assert abs(loss.item() - ref_loss.item()) <= 1e-4
+    assert (embeds.grad - ref_embeds.grad).abs().max() <= 1e-4
+
+
+def test_sampling_is_reproducible_and_top_k_1_is_greedy(model):
+    input_ids = prompt(seed=6)
+    torch.manual_seed(0)
+    first = model.generate(input_ids, max_new_tokens=8, do_sample=True, temperature=0.8, top_p=0.9)
+    torch.manual_seed(0)
+    second = model.generate(input_ids, max_new_tokens=8, do_sample=True, temperature=0.8, top_p=0.9)
+    assert torch.equal(first, second)
+    greedy = model.generate(input_ids, max_new_tokens=8)
+    assert torch.equal(model.generate(input_ids, max_new_tokens=8, do_sample=True, top_k=1), greedy)
+
+
+def test_peer_spans_are_announced(swarm, model):
+    blocks = get_block_servers(model.remote.dht, model.remote.model_name, 0, 8, latest=True)
+    for process in swarm.processes[1:]:
+        start, end = process.span
+        for index, servers in enumerate(blocks):
+            announced = {str(peer): info for peer, info in servers.items()}
+            assert (process.peer_id in announced) == (start <= index < end)
+            if process.peer_id in announced:
+                info = announced[process.peer_id]
+                assert (info.start, info.end, info.state) == (start, end, ServerState.ONLINE)
+
+
+def test_sigterm_marks_peer_offline(swarm, model):
+    extra = swarm.start_peer("--blocks", "1:4", "--update-period", "5")
+    dht, name = model.remote.dht, model.remote.model_name
+
+    def record():
+        return {str(p): info for p, info in get_block_servers(dht, name, 1, 2, latest=True)[0].items()}
+
+    assert record()[extra.peer_id].state == ServerState.ONLINE
+    extra.signal(signal.SIGTERM)
+    assert extra.popen.wait(timeout=30) == 0
+    deadline = time.monotonic() + 10
+    while record().get(extra.peer_id) is None or record()[extra.peer_id].state != ServerState.OFFLINE:
+        assert time.monotonic() < deadline, "peer was not announced OFFLINE"
+        time.sleep(0.2)
+    model.remote.view.refresh()
+    assert torch.equal(model.generate(prompt(), max_new_tokens=4), model.generate(prompt(), max_new_tokens=4))

@@ -1,0 +1,87 @@
+"""Tensor payloads and message framing: round trips, limits, and clear errors for broken input."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from hivemind.proto import runtime_pb2
+
+from blockswarm.compression.codecs import WireFormatError, decode_tensor, encode_tensor
+from blockswarm.wire.framing import CHUNK_BYTES, FramingError, pack, receive
+from blockswarm.wire.messages import ChainRequest
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1, 256), (2, 3, 5), (0, 4), (1,), ()])
+def test_lossless_round_trip(dtype, shape):
+    tensor = torch.randn(shape).to(dtype)
+    decoded = decode_tensor(encode_tensor(tensor))
+    assert decoded.dtype == dtype and decoded.shape == tensor.shape
+    assert torch.equal(decoded, tensor)
+
+
+@pytest.mark.parametrize("codec, wire_dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_half_codecs_keep_dtype_and_round_like_a_cast(codec, wire_dtype):
+    tensor = torch.randn(3, 7, 11)
+    decoded = decode_tensor(encode_tensor(tensor, codec))
+    assert decoded.dtype == torch.float32
+    assert torch.equal(decoded, tensor.to(wire_dtype).float())
+    assert len(encode_tensor(tensor, codec)) < len(encode_tensor(tensor))
+
+
+def test_nan_and_inf_survive_lossless_codec():
+    tensor = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0])
+    assert torch.equal(decode_tensor(encode_tensor(tensor)).isnan(), tensor.isnan())
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda b: b[:3], "shorter than its header"),
+        (lambda b: b"XX" + b[2:], "bad magic"),
+        (lambda b: b[:2] + bytes([99]) + b[3:], "unknown codec id 99"),
+        (lambda b: b[:3] + bytes([77]) + b[4:], "unknown dtype id 77"),
+        (lambda b: b[:4] + bytes([40]) + b[5:], "claims 40 dims"),
+        (lambda b: b[:-1], "bytes were sent"),
+        (lambda b: b + b"\x00", "bytes were sent"),
+    ],
+)
+def test_broken_payloads_are_rejected(mutate, message):
+    with pytest.raises(WireFormatError, match=message):
+        decode_tensor(mutate(encode_tensor(torch.randn(2, 3))))
+
+
+def test_unknown_codec_and_dtype_are_refused_when_encoding():
+    with pytest.raises(ValueError, match="unknown codec"):
+        encode_tensor(torch.randn(2), "gzip")
+    with pytest.raises(ValueError, match="cannot send a tensor of dtype"):
+        encode_tensor(torch.zeros(2, dtype=torch.bool))
+
+
+async def _as_stream(messages):
+    for message in messages:
+        yield message
+
+
+def test_large_frames_are_chunked_and_reassembled():
+    big = torch.randn(3 * CHUNK_BYTES // 4 + 5)
+    payloads = [encode_tensor(big), encode_tensor(torch.randn(4))]
+    messages = list(pack(ChainRequest(start=1, end=3), payloads))
+    assert len(messages) == 4 and all(m.ByteSize() <= CHUNK_BYTES + 1024 for m in messages)
+    meta, received = asyncio.run(receive(_as_stream(messages), ChainRequest, max_bytes=2**30))
+    assert meta == ChainRequest(start=1, end=3)
+    assert torch.equal(decode_tensor(received[0]), big)
+
+
+def test_frames_over_the_limit_or_short_are_rejected():
+    messages = list(pack(ChainRequest(start=0, end=1), [encode_tensor(torch.randn(1000))]))
+    with pytest.raises(FramingError, match="limit is 100"):
+        asyncio.run(receive(_as_stream(messages), ChainRequest, max_bytes=100))
+    big = list(pack(None, [encode_tensor(torch.randn(CHUNK_BYTES))]))
+    with pytest.raises(FramingError, match="stream ended after"):
+        asyncio.run(receive(_as_stream(big[:1]), None, max_bytes=2**30))
+    bad_meta = runtime_pb2.ExpertRequest(metadata=b"\xc1not msgpack")
+    with pytest.raises(FramingError, match="malformed message metadata"):
+        asyncio.run(receive(_as_stream([bad_meta]), ChainRequest, max_bytes=2**30))
