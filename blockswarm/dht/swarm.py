@@ -62,9 +62,7 @@ async def _get_all(_dht: DHT, node: DHTNode, keys: list[str], latest: bool) -> d
     return await node.get_many(keys, sufficient_expiration_time=float("inf") if latest else None)
 
 
-def announce_server(
-    dht: DHT, model: str, info: ServerInfo, local_public_key: bytes, expiration_time: float
-) -> bool:
+def announce_server(dht: DHT, model: str, info: ServerInfo, local_public_key: bytes, expiration_time: float) -> bool:
     """Store `info` under each block key of its span [info.start, info.end); True if all stores succeeded."""
     keys = [block_key(model, index) for index in range(info.start, info.end)]
     announce = partial(
