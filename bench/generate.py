@@ -1,26 +1,36 @@
 """Swarm vs local generation speed, measured in one run on this machine.
 
-Local: the same block code in this process with KV caches. Swarm: a bootstrap node and 3 peers on loopback
-with disjoint spans (3 hops per step). Both run the same token loop (`generate_tokens`); a step is one call
-of the blocks for one new token. per_hop_overhead_ms = (median swarm step - median local step) / hops.
+Local: the same block code with KV caches in a fresh process with default torch settings, as a user would
+run the model. Swarm: a bootstrap node and 3 peers on loopback with disjoint spans (3 hops per step), driven
+from this process with the settings every `blockswarm` command uses (idle OpenMP threads sleep). Both run the
+same token loop (`generate_tokens`); a step is one call of the blocks for one new token, and rounds alternate
+local / swarm. per_hop_overhead_ms = (median swarm step - median local step) / hops.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import tempfile
-import time
-from pathlib import Path
+import os
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads, as `blockswarm` commands do
 
-from blockswarm.client import DistributedModelForCausalLM
-from blockswarm.client.generation import generate_tokens
-from blockswarm.client.sampling import SamplingParams
-from blockswarm.local_swarm import LocalSwarm
-from blockswarm.models import KVCache, init_random_model, load_blocks, load_config, load_ends
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from blockswarm.client import DistributedModelForCausalLM  # noqa: E402
+from blockswarm.client.generation import generate_tokens  # noqa: E402
+from blockswarm.client.sampling import SamplingParams  # noqa: E402
+from blockswarm.local_swarm import LocalSwarm  # noqa: E402
+from blockswarm.models import KVCache, init_random_model, load_blocks, load_config, load_ends  # noqa: E402
+
+PROMPT = torch.randint(3, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
 
 
 def timed(step, times: list[float]):
@@ -60,6 +70,35 @@ def local_step(model_dir: Path, max_length: int):
     return step
 
 
+def serve_local_rounds(model_dir: Path, new_tokens: int) -> None:
+    """Child-process entry: load the model once, then measure one local round per line read from stdin."""
+    ends = load_ends(model_dir)
+    max_length = PROMPT.shape[1] + new_tokens
+    measure(ends, local_step(model_dir, max_length), PROMPT, 8)
+    for _ in sys.stdin:
+        median, rate = measure(ends, local_step(model_dir, max_length), PROMPT, new_tokens)
+        print(json.dumps({"median": median, "rate": rate}), flush=True)
+
+
+class LocalBaseline:
+    """The local model in its own process with default torch settings, driven round by round."""
+
+    def __init__(self, model_dir: Path, new_tokens: int):
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        command = [sys.executable, __file__, "--local-rounds", str(model_dir), "--new-tokens", str(new_tokens)]
+        self.process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def round(self) -> tuple[float, float]:
+        self.process.stdin.write("round\n")
+        self.process.stdin.flush()
+        result = json.loads(self.process.stdout.readline())
+        return result["median"], result["rate"]
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait()
+
+
 def spans(num_blocks: int, peers: int) -> list[str]:
     bounds = [round(i * num_blocks / peers) for i in range(peers + 1)]
     return [f"{a}:{b}" for a, b in zip(bounds, bounds[1:])]
@@ -70,15 +109,17 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny", choices=["tiny", "small", "medium"])
     parser.add_argument("--peers", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3, help="alternating local/swarm rounds")
+    parser.add_argument("--rounds", type=int, default=9, help="alternating local/swarm rounds")
+    parser.add_argument("--local-rounds", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.local_rounds is not None:
+        return serve_local_rounds(args.local_rounds, args.new_tokens)
 
     work = Path(tempfile.mkdtemp(prefix="bench-generate-"))
     model_dir = init_random_model(work / args.preset, preset=args.preset)
     config = load_config(model_dir)
     ends = load_ends(model_dir)
-    prompt = torch.randint(3, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
-    max_length = prompt.shape[1] + args.new_tokens
+    max_length = PROMPT.shape[1] + args.new_tokens
 
     with LocalSwarm(model_dir, work / "logs") as swarm:
         swarm.start_bootstrap()
@@ -88,17 +129,18 @@ def main() -> None:
         with DistributedModelForCausalLM.from_pretrained(model_dir, swarm.initial_peers) as model:
             hops = len(model.remote.router.route(0, config.num_blocks))
             local_medians, local_rates, swarm_medians, swarm_rates = [], [], [], []
-            measure(ends, local_step(model_dir, max_length), prompt, 8)  # warm-up
             with model.inference_session(max_length=max_length) as warmup:
-                measure(ends, warmup.step, prompt, 8)
+                measure(ends, warmup.step, PROMPT, 8)
+            local = LocalBaseline(model_dir, args.new_tokens)
             for _ in range(args.rounds):
-                median, rate = measure(ends, local_step(model_dir, max_length), prompt, args.new_tokens)
+                median, rate = local.round()
                 local_medians.append(median)
                 local_rates.append(rate)
                 with model.inference_session(max_length=max_length) as session:
-                    median, rate = measure(ends, session.step, prompt, args.new_tokens)
+                    median, rate = measure(ends, session.step, PROMPT, args.new_tokens)
                 swarm_medians.append(median)
                 swarm_rates.append(rate)
+            local.close()
 
     local_ms = statistics.median(local_medians) * 1e3
     swarm_ms = statistics.median(swarm_medians) * 1e3

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 
 DEFAULT_HOST = "0.0.0.0"
@@ -208,6 +209,9 @@ def demo(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Peers and clients often share cores with each other: idle OpenMP threads must sleep, not spin.
+    # Read once when torch loads, which every command does lazily after this point.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     commands = {

@@ -38,7 +38,11 @@ class BlockBackend:
     def cache_bytes_per_token(self) -> int:
         return 2 * self.config.num_kv_heads * self.config.head_dim * self.dtype.itemsize
 
-    async def run(self, fn, *args):
+    async def run(self, fn, *args, inline: bool = False):
+        """Run `fn(*args)` on the compute thread, or right here when `inline` (tiny steps, where the hand-off
+        to another thread costs more than the math)."""
+        if inline:
+            return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def _span(self, start: int, end: int) -> list[TransformerBlock]:

@@ -34,6 +34,7 @@ from blockswarm.wire.messages import (
 logger = logging.getLogger(__name__)
 
 ACCEPTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INLINE_STEP_TOKENS = 16  # decoding steps this small run on the event loop: a thread hand-off would cost more
 
 
 class RequestError(ValueError):
@@ -133,7 +134,12 @@ class RequestHandlers:
                             f"max_length of {session.max_length}"
                         )
                     output = await self.backend.run(
-                        self.backend.inference_step, session.start, caches, hidden, step.position
+                        self.backend.inference_step,
+                        session.start,
+                        caches,
+                        hidden,
+                        step.position,
+                        inline=hidden.shape[0] * seq_len <= INLINE_STEP_TOKENS,
                     )
                     length = step.position + seq_len
                     for message in pack(
