@@ -96,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=120.0,
         help="idle seconds before an inference session is closed and its cache freed",
     )
+    server.add_argument(
+        "--grace-period",
+        type=float,
+        default=10.0,
+        help="on SIGTERM/Ctrl-C: seconds running requests may take to finish before the peer goes OFFLINE",
+    )
 
     init = commands.add_parser("init-model", help="write a random-weight Hugging Face checkpoint for testing")
     init.add_argument("dir")
@@ -171,6 +177,7 @@ def run_server(args: argparse.Namespace) -> None:
         cache_tokens=args.cache_tokens,
         public_name=args.public_name,
         update_period=args.update_period,
+        grace_period=args.grace_period,
         limits=ServingLimits(session_timeout=args.session_timeout),
     )
     Server(options).run()

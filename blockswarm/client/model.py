@@ -13,6 +13,7 @@ from blockswarm.client.sampling import SamplingParams
 from blockswarm.models import ModelConfig, load_config, load_ends, weights_fingerprint
 from blockswarm.models.naming import swarm_model_name
 from blockswarm.pipeline.inference import InferenceSession
+from blockswarm.pipeline.retry import RetryPolicy
 
 
 class GenerationSession:
@@ -73,16 +74,25 @@ class DistributedModelForCausalLM(nn.Module):
         dtype: torch.dtype = torch.float32,
         codec: str = "none",
         step_timeout: float = 30.0,
+        failover_deadline: float = 60.0,
     ) -> DistributedModelForCausalLM:
         """Load the embeddings and head from `name_or_path` and join the swarm through `initial_peers`.
 
         `model_name` is the name the peers announce; by default it is derived from the checkpoint exactly as
-        `blockswarm run-server` derives it.
+        `blockswarm run-server` derives it. A peer that does not answer a step within `step_timeout` seconds is
+        replaced; when no peer can serve some blocks for `failover_deadline` seconds, the call fails naming them.
         """
         config = load_config(name_or_path)
         model_name = model_name or swarm_model_name(name_or_path, weights_fingerprint(name_or_path))
         ends = load_ends(name_or_path, dtype=dtype)
-        remote = RemoteBlocks(model_name, config, list(initial_peers), codec=codec, step_timeout=step_timeout)
+        remote = RemoteBlocks(
+            model_name,
+            config,
+            list(initial_peers),
+            codec=codec,
+            step_timeout=step_timeout,
+            retry_policy=RetryPolicy(deadline=failover_deadline),
+        )
         return cls(config, ends, remote)
 
     def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:

@@ -6,10 +6,11 @@ import torch
 from hivemind.dht import DHT
 
 from blockswarm.client.event_loop import BackgroundLoop
-from blockswarm.dht import make_validators
+from blockswarm.dht import exit_with_parent, make_validators
 from blockswarm.models import ModelConfig
-from blockswarm.pipeline.chain import backward_chain, forward_chain
+from blockswarm.pipeline.chain import Chain
 from blockswarm.pipeline.inference import InferenceSession
+from blockswarm.pipeline.retry import RetryPolicy
 from blockswarm.routing.router import SwarmRouter
 from blockswarm.routing.swarm_view import SwarmView
 
@@ -22,6 +23,7 @@ class RemoteBlocks:
         initial_peers: list[str],
         codec: str = "none",
         step_timeout: float = 30.0,
+        retry_policy: RetryPolicy | None = None,
     ):
         if not initial_peers:
             raise ValueError("initial_peers is empty: pass the multiaddr of at least one peer of the swarm")
@@ -29,12 +31,15 @@ class RemoteBlocks:
         self.config = config
         self.codec = codec
         self.step_timeout = step_timeout
+        self.retry_policy = retry_policy or RetryPolicy()
         validators, _ = make_validators()
         self.dht = DHT(initial_peers=initial_peers, client_mode=True, start=True, record_validators=validators)
+        exit_with_parent(self.dht)
         self.loop = BackgroundLoop()
         self.p2p = self.loop.run(self.dht.replicate_p2p())
         self.view = SwarmView(self.dht, model_name, config.num_blocks)
         self.router = SwarmRouter(self.view)
+        self.chain = Chain(self.p2p, self.router, codec, step_timeout, self.retry_policy)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states through every block; differentiable w.r.t. `hidden`."""
@@ -49,6 +54,7 @@ class RemoteBlocks:
             batch_size,
             self.codec,
             self.step_timeout,
+            self.retry_policy,
         )
         self.loop.run(session.open())
         return session
@@ -60,6 +66,7 @@ class RemoteBlocks:
         self.loop.run(session.close())
 
     def shutdown(self) -> None:
+        self.view.close()
         self.loop.run(self.p2p.shutdown())
         self.loop.stop()
         self.dht.shutdown()
@@ -68,16 +75,7 @@ class RemoteBlocks:
 class _RemoteBlocksFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, remote: RemoteBlocks) -> torch.Tensor:
-        outputs, hop_inputs = remote.loop.run(
-            forward_chain(
-                remote.p2p,
-                remote.router,
-                hidden.detach(),
-                remote.config.num_blocks,
-                remote.codec,
-                remote.step_timeout,
-            )
-        )
+        outputs, hop_inputs = remote.loop.run(remote.chain.forward(hidden.detach(), 0, remote.config.num_blocks))
         ctx.remote = remote
         ctx.hop_inputs = hop_inputs
         return outputs
@@ -85,7 +83,4 @@ class _RemoteBlocksFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
         remote: RemoteBlocks = ctx.remote
-        grad_input = remote.loop.run(
-            backward_chain(remote.p2p, ctx.hop_inputs, grad_output.contiguous(), remote.codec, remote.step_timeout)
-        )
-        return grad_input, None
+        return remote.loop.run(remote.chain.backward(ctx.hop_inputs, grad_output.contiguous())), None

@@ -40,6 +40,10 @@ class Codec:
     id: int
     wire_dtype: torch.dtype | None  # None: the tensor's own dtype travels unchanged
 
+    @property
+    def lossless(self) -> bool:
+        return self.wire_dtype is None
+
     def payload_dtype(self, original: torch.dtype) -> torch.dtype:
         return self.wire_dtype if self.wire_dtype is not None and original.is_floating_point else original
 

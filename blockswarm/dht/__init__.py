@@ -4,6 +4,7 @@ Imports no other blockswarm package: routing, peer and monitor build on it.
 """
 
 from .keys import MODEL_INDEX_KEY, block_key, validate_model_name
+from .process import exit_with_parent
 from .records import ModelInfo, ServerInfo, ServerState
 from .swarm import (
     announce_model,
@@ -24,6 +25,7 @@ __all__ = [
     "announce_model",
     "announce_server",
     "block_key",
+    "exit_with_parent",
     "get_block_servers",
     "get_models",
     "make_validators",

@@ -9,7 +9,7 @@ so peers running a newer version that adds fields stay readable.
 from __future__ import annotations
 
 import math
-from enum import Enum
+from enum import StrEnum
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -18,7 +18,7 @@ RECORD_TAG = "_bs"
 """Field that marks a DHT value as a blockswarm record; its value is the record kind."""
 
 
-class ServerState(str, Enum):
+class ServerState(StrEnum):
     """Life cycle of a peer: announced while loading, serving, finishing sessions before leaving, gone."""
 
     JOINING = "joining"

@@ -43,7 +43,7 @@ class CachePool:
         async with self._freed:
             try:
                 await asyncio.wait_for(self._freed.wait_for(lambda: self._used + size <= self.capacity), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise CacheFullError(
                     f"KV cache is full: {self.tokens_left} tokens left, waited {timeout:.0f} s for room"
                 ) from None

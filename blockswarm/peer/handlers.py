@@ -6,8 +6,9 @@ A bad request gets an error reply on its own stream; it never reaches the math a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,10 @@ class RequestError(ValueError):
     """The request is invalid; its message is sent back to the caller verbatim."""
 
 
+class PeerLeaving(RuntimeError):
+    """The peer is shutting down: the caller should continue with another peer."""
+
+
 @dataclass(frozen=True)
 class ServingLimits:
     max_batch_tokens: int = 8192  # batch x sequence tokens in one forward/backward/inference step
@@ -68,6 +73,8 @@ class RequestHandlers:
         self.limits = limits
         self._status = status
         self._max_bytes = limits.max_request_bytes(backend.config.hidden_size)
+        self._leaving = asyncio.get_running_loop().create_future()
+        self.active_requests = 0
 
     async def register(self, p2p: P2P) -> None:
         await p2p.add_protobuf_handler(INFO_RPC, self.rpc_info, runtime_pb2.ExpertRequest)
@@ -99,6 +106,7 @@ class RequestHandlers:
             if frame is None:
                 return
             session, _ = frame
+            self._check_not_leaving()
             self._check_span(session.start, session.end)
             self._check_codec(session.codec)
             if session.batch_size < 1 or session.max_length < 1:
@@ -113,7 +121,7 @@ class RequestHandlers:
             ) as caches:
                 length = 0
                 while True:
-                    frame = await self._receive(requests, InferenceStep, self.limits.session_timeout)
+                    frame = await self._next_step(requests)
                     if frame is None:
                         return
                     step, payloads = frame
@@ -133,14 +141,15 @@ class RequestHandlers:
                             f"step of {seq_len} tokens at position {step.position} exceeds the session's "
                             f"max_length of {session.max_length}"
                         )
-                    output = await self.backend.run(
-                        self.backend.inference_step,
-                        session.start,
-                        caches,
-                        hidden,
-                        step.position,
-                        inline=hidden.shape[0] * seq_len <= INLINE_STEP_TOKENS,
-                    )
+                    with self._active():
+                        output = await self.backend.run(
+                            self.backend.inference_step,
+                            session.start,
+                            caches,
+                            hidden,
+                            step.position,
+                            inline=hidden.shape[0] * seq_len <= INLINE_STEP_TOKENS,
+                        )
                     length = step.position + seq_len
                     for message in pack(
                         StepReply(position=step.position),
@@ -148,20 +157,23 @@ class RequestHandlers:
                         runtime_pb2.ExpertResponse,
                     ):
                         yield message
-        except (RequestError, FramingError, WireFormatError, CacheFullError) as e:
+        except (RequestError, FramingError, WireFormatError, CacheFullError, PeerLeaving) as e:
             yield RPCError(message=str(e))
-        except asyncio.TimeoutError:
+            await self._drain(requests)
+        except TimeoutError:
             yield RPCError(message=f"inference session closed after {self.limits.session_timeout:.0f} s idle")
 
     async def rpc_forward(self, requests: AsyncIterator, context: P2PContext) -> AsyncIterator:
         try:
             request, payloads = await self._receive_chain_request(requests, num_tensors=1)
             hidden = self._decode_hidden(payloads)
-            output = await self.backend.run(self.backend.forward, request.start, request.end, hidden)
+            with self._active():
+                output = await self.backend.run(self.backend.forward, request.start, request.end, hidden)
             for message in pack(None, [encode_tensor(output, request.codec)], runtime_pb2.ExpertResponse):
                 yield message
-        except (RequestError, FramingError, WireFormatError) as e:
+        except (RequestError, FramingError, WireFormatError, PeerLeaving) as e:
             yield RPCError(message=str(e))
+            await self._drain(requests)
 
     async def rpc_backward(self, requests: AsyncIterator, context: P2PContext) -> AsyncIterator:
         try:
@@ -170,17 +182,22 @@ class RequestHandlers:
             grad_output = self._decode_hidden(payloads[1:])
             if grad_output.shape != hidden.shape:
                 raise RequestError(f"grad_output shape {list(grad_output.shape)} != inputs shape {list(hidden.shape)}")
-            grad_input = await self.backend.run(self.backend.backward, request.start, request.end, hidden, grad_output)
+            with self._active():
+                grad_input = await self.backend.run(
+                    self.backend.backward, request.start, request.end, hidden, grad_output
+                )
             for message in pack(None, [encode_tensor(grad_input, request.codec)], runtime_pb2.ExpertResponse):
                 yield message
-        except (RequestError, FramingError, WireFormatError) as e:
+        except (RequestError, FramingError, WireFormatError, PeerLeaving) as e:
             yield RPCError(message=str(e))
+            await self._drain(requests)
 
     async def _receive_chain_request(self, requests: AsyncIterator, num_tensors: int):
         frame = await self._receive(requests, ChainRequest, self.limits.step_timeout)
         if frame is None:
             raise RequestError("empty request")
         request, payloads = frame
+        self._check_not_leaving()
         self._check_span(request.start, request.end)
         self._check_codec(request.codec)
         if len(payloads) != num_tensors:
@@ -189,6 +206,48 @@ class RequestHandlers:
 
     async def _receive(self, requests: AsyncIterator, schema, timeout: float):
         return await asyncio.wait_for(receive(requests, schema, self._max_bytes), timeout)
+
+    async def _next_step(self, requests: AsyncIterator):
+        """The next frame of a session, unless the peer starts leaving or the client stays silent too long."""
+        receiving = asyncio.ensure_future(receive(requests, InferenceStep, self._max_bytes))
+        done, _ = await asyncio.wait(
+            (receiving, self._leaving), timeout=self.limits.session_timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        if receiving in done:
+            return receiving.result()
+        receiving.cancel()
+        self._check_not_leaving()
+        raise TimeoutError
+
+    async def _drain(self, requests: AsyncIterator) -> None:
+        """After an error reply, read what the client already sent until it closes the stream: closing a stream
+        with unread data resets it, and the reset can overtake the error reply on its way to the client."""
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(self.limits.alloc_timeout):
+                async for _ in requests:
+                    pass
+
+    def begin_leaving(self) -> None:
+        """Refuse new work and tell every open session to move on; steps already running still finish."""
+        if not self._leaving.done():
+            self._leaving.set_result(None)
+
+    async def wait_idle(self, grace_period: float) -> None:
+        deadline = asyncio.get_running_loop().time() + grace_period
+        while self.active_requests and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+
+    @contextlib.contextmanager
+    def _active(self) -> Iterator[None]:
+        self.active_requests += 1
+        try:
+            yield
+        finally:
+            self.active_requests -= 1
+
+    def _check_not_leaving(self) -> None:
+        if self._leaving.done():
+            raise PeerLeaving("peer leaving: it is shutting down, continue with another peer")
 
     def _check_span(self, start: int, end: int) -> None:
         if not self.backend.start <= start < end <= self.backend.end:

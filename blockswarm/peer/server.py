@@ -20,6 +20,7 @@ from blockswarm.dht import (
     ServerState,
     announce_model,
     announce_server,
+    exit_with_parent,
     get_block_servers,
     make_validators,
 )
@@ -52,6 +53,7 @@ class ServerOptions:
     cache_tokens: int = 8192
     public_name: str | None = None
     update_period: float = 30.0
+    grace_period: float = 10.0  # on SIGTERM: how long running requests may take to finish
     limits: ServingLimits = field(default_factory=ServingLimits)
 
 
@@ -95,6 +97,7 @@ def start_dht(options: ServerOptions, client_mode: bool = False) -> tuple[DHT, b
             f"error: could not join the swarm through {options.initial_peers or 'no initial peers'} "
             f"while listening on {host_maddrs}: {e}. Check that the initial peers are running and reachable."
         ) from e
+    exit_with_parent(dht)
     return dht, public_key
 
 
@@ -192,8 +195,12 @@ class Server:
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), self.options.update_period)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 await announce()
+        self.state = ServerState.DRAINING
+        await announce()
+        handlers.begin_leaving()
+        await handlers.wait_idle(self.options.grace_period)
         self.state = ServerState.OFFLINE
         await announce()
         print("blockswarm peer stopped: announced OFFLINE", file=sys.stderr, flush=True)

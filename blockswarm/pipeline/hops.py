@@ -22,13 +22,17 @@ class Router(Protocol):
         """Consecutive hops covering blocks [start, end); raises NoRouteError when some block has no peer."""
 
     def ban(self, peer_id: PeerID) -> None:
-        """Stop routing through a peer that failed."""
+        """Stop routing through a peer that failed (for a while that grows with repeated failures)."""
+
+    def is_usable(self, peer_id: PeerID) -> bool:
+        """False once a peer is banned or announced it is leaving (DRAINING/OFFLINE)."""
 
 
 class NoRouteError(RuntimeError):
     """Some blocks are served by no usable peer."""
 
     def __init__(self, model: str, missing_blocks: list[int], detail: str = ""):
+        self.model = model
         self.missing_blocks = missing_blocks
         shown = ", ".join(map(str, missing_blocks[:16])) + (", ..." if len(missing_blocks) > 16 else "")
         super().__init__(

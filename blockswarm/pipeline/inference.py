@@ -1,4 +1,10 @@
-"""An inference session: one open stream per hop, each holding a KV cache on its peer, one global position."""
+"""An inference session: one open stream per hop, each holding a KV cache on its peer, one global position.
+
+Fault tolerance lives here. The session keeps, for every block where a span of its route starts, exactly
+the hidden states that span's peer decoded, indexed by the session's one global position. When a peer
+fails, the session bans it, routes just that span's blocks anew (possibly over several peers), replays the
+history onto the replacement with a lossless codec (so it rebuilds the very same KV cache), and goes on.
+"""
 
 from __future__ import annotations
 
@@ -8,20 +14,22 @@ import uuid
 import torch
 from hivemind.p2p import P2P
 
-from blockswarm.compression.codecs import encode_tensor
-from blockswarm.pipeline.hops import Hop, Router
+from blockswarm.compression.codecs import decode_tensor, encode_tensor, get_codec
+from blockswarm.pipeline.hops import Hop, PeerError, Router
+from blockswarm.pipeline.retry import RetryPolicy, retry
 from blockswarm.pipeline.streams import PeerStream
 from blockswarm.wire.messages import INFERENCE_RPC, InferenceStep, OpenSession, StepReply
+
+REPLAY_CHUNK_TOKENS = 1024  # replayed history goes out in steps of at most this many tokens (x batch)
 
 
 class SpanSession:
     """Blocks [hop.start, hop.end) of a session, computed by hop.peer_id."""
 
-    def __init__(self, hop: Hop, stream: PeerStream, session_id: str, codec: str):
+    def __init__(self, hop: Hop, stream: PeerStream, session_id: str):
         self.hop = hop
         self.stream = stream
         self.session_id = session_id
-        self.codec = codec
 
     @classmethod
     async def open(
@@ -38,11 +46,11 @@ class SpanSession:
             codec=codec,
         )
         stream.send(opening, [])
-        return cls(hop, stream, session_id, codec)
+        return cls(hop, stream, session_id)
 
-    async def step(self, hidden: torch.Tensor, position: int, timeout: float) -> torch.Tensor:
-        step = InferenceStep(session_id=self.session_id, position=position)
-        self.stream.send(step, [encode_tensor(hidden, self.codec)])
+    async def step(self, payload: bytes, position: int, timeout: float) -> torch.Tensor:
+        """Send one encoded tensor of hidden states at `position`; returns this span's outputs."""
+        self.stream.send(InferenceStep(session_id=self.session_id, position=position), [payload])
         _, (output,) = await self.stream.receive(StepReply, timeout)
         return output
 
@@ -62,28 +70,23 @@ class InferenceSession:
         batch_size: int = 1,
         codec: str = "none",
         step_timeout: float = 30.0,
+        retry_policy: RetryPolicy | None = None,
     ):
         self.p2p = p2p
         self.router = router
         self.num_blocks = num_blocks
         self.max_length = max_length
         self.batch_size = batch_size
-        self.codec = codec
+        self.codec = get_codec(codec)
         self.step_timeout = step_timeout
+        self.retry_policy = retry_policy or RetryPolicy()
         self.position = 0
         self.spans: list[SpanSession] = []
+        self.history: dict[int, torch.Tensor] = {}  # first block of a span -> inputs its peer decoded
+        self.failovers = 0
 
     async def open(self) -> None:
-        hops = await asyncio.to_thread(self.router.route, 0, self.num_blocks)
-        try:
-            for hop in hops:
-                span = await SpanSession.open(
-                    self.p2p, hop, self.max_length, self.batch_size, self.codec, self.step_timeout
-                )
-                self.spans.append(span)
-        except BaseException:
-            await self.close()
-            raise
+        self.spans = await retry(self.retry_policy, lambda: self._open_spans(0, self.num_blocks), "opening a route")
 
     async def step(self, hidden: torch.Tensor) -> torch.Tensor:
         """Run [batch, seq_len, hidden] new tokens through all blocks; returns the last block's outputs."""
@@ -96,11 +99,73 @@ class InferenceSession:
                 f"{seq_len} more requested; open the session with a larger max_length"
             )
         dtype = hidden.dtype
-        for span in self.spans:
-            hidden = await span.step(hidden, self.position, self.step_timeout)
+        index = 0
+        while index < len(self.spans):
+            span = self.spans[index]
+            payload = encode_tensor(hidden, self.codec.name)
+            self._record(span.hop.start, hidden if self.codec.lossless else decode_tensor(payload), self.position)
+            try:
+                if not self.router.is_usable(span.hop.peer_id):
+                    raise PeerError(span.hop.peer_id, "announced it is leaving or was banned")
+                hidden = await span.step(payload, self.position, self.step_timeout)
+                index += 1
+            except PeerError as error:
+                await self._replace(index, error)
         self.position += seq_len
         return hidden.to(dtype)
 
     async def close(self) -> None:
         spans, self.spans = self.spans, []
         await asyncio.gather(*(span.close() for span in spans), return_exceptions=True)
+
+    def _record(self, block: int, inputs: torch.Tensor, position: int) -> None:
+        buffer = self.history.get(block)
+        if buffer is None:
+            buffer = self.history[block] = inputs.new_empty(self.batch_size, self.max_length, inputs.shape[-1])
+        buffer[:, position : position + inputs.shape[1]] = inputs
+
+    async def _replace(self, index: int, error: PeerError) -> None:
+        """Swap the failed span for a fresh route over the same blocks, with the session's history replayed."""
+        failed = self.spans[index]
+        self.router.ban(error.peer_id)
+        await asyncio.gather(failed.close(), return_exceptions=True)
+        start, end = failed.hop.start, failed.hop.end
+        replacement = await retry(
+            self.retry_policy,
+            lambda: self._open_spans(start, end, replay=True),
+            f"replacing peer {failed.hop.peer_id} for blocks {start}:{end}",
+        )
+        self.spans[index : index + 1] = replacement
+        self.failovers += 1
+
+    async def _open_spans(self, start: int, end: int, replay: bool = False) -> list[SpanSession]:
+        hops = await asyncio.to_thread(self.router.route, start, end)
+        spans: list[SpanSession] = []
+        try:
+            for hop in hops:
+                spans.append(
+                    await SpanSession.open(
+                        self.p2p, hop, self.max_length, self.batch_size, self.codec.name, self.step_timeout
+                    )
+                )
+            if replay and self.position > 0:
+                await self._replay(spans)
+            return spans
+        except PeerError as error:
+            self.router.ban(error.peer_id)
+            await asyncio.gather(*(span.close() for span in spans), return_exceptions=True)
+            raise
+
+    async def _replay(self, spans: list[SpanSession]) -> None:
+        """Rebuild the replacement's KV caches: the first span gets the recorded inputs, each later one gets
+        the outputs of the span before it (and those become that block's recorded inputs)."""
+        inputs = self.history[spans[0].hop.start][:, : self.position]
+        chunk = max(1, REPLAY_CHUNK_TOKENS // self.batch_size)
+        for number, span in enumerate(spans):
+            if number > 0:
+                self._record(span.hop.start, inputs, 0)
+            outputs = []
+            for begin in range(0, self.position, chunk):
+                payload = encode_tensor(inputs[:, begin : begin + chunk], "none")
+                outputs.append(await span.step(payload, begin, self.step_timeout))
+            inputs = torch.cat(outputs, dim=1)

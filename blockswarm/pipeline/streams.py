@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import torch
@@ -18,42 +19,39 @@ MAX_REPLY_BYTES = 2**31
 
 
 class PeerStream:
-    """Frames go out through a queue (the stream stays open between steps); replies are read one frame at a time."""
+    """A raw stream to one peer: frames are written as they are sent, replies are read one frame at a time.
 
-    def __init__(self, peer_id: PeerID, outbox: asyncio.Queue, replies: AsyncIterator):
+    Reading and writing the stream directly (rather than through a request iterator) means a stream closed
+    or reset by the peer's side surfaces at once as an error, never as a silent wait.
+    """
+
+    def __init__(self, peer_id: PeerID, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.peer_id = peer_id
-        self._outbox = outbox
-        self._replies = replies
+        self._reader = reader
+        self._writer = writer
 
     @classmethod
     async def open(cls, p2p: P2P, peer_id: PeerID, rpc: str, timeout: float) -> PeerStream:
-        outbox: asyncio.Queue = asyncio.Queue()
-
-        async def requests() -> AsyncIterator:
-            while (message := await outbox.get()) is not None:
-                yield message
-
         try:
-            replies = await asyncio.wait_for(
-                p2p.iterate_protobuf_handler(peer_id, rpc, requests(), runtime_pb2.ExpertResponse), timeout
-            )
-        except (P2PDaemonError, P2PHandlerError, OSError, asyncio.TimeoutError) as e:
+            _, reader, writer = await asyncio.wait_for(p2p.call_binary_stream_handler(peer_id, rpc), timeout)
+        except (TimeoutError, P2PDaemonError, P2PHandlerError, OSError) as e:
             raise PeerError(peer_id, f"could not open {rpc}: {e or type(e).__name__}") from e
-        return cls(peer_id, outbox, replies)
+        return cls(peer_id, reader, writer)
 
     def send(self, meta: Message | None, payloads: list[bytes]) -> None:
-        """Queue one frame; `payloads` are tensors already encoded with `encode_tensor`."""
+        """Queue one frame for writing; `payloads` are tensors already encoded with `encode_tensor`."""
         for message in pack(meta, payloads):
-            self._outbox.put_nowait(message)
+            data = message.SerializeToString()
+            self._writer.write(P2P.MESSAGE_MARKER + len(data).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER))
+            self._writer.write(data)
 
     async def receive(self, schema: type[Message] | None, timeout: float) -> tuple[Message | None, list[torch.Tensor]]:
         try:
-            frame = await asyncio.wait_for(receive(self._replies, schema, MAX_REPLY_BYTES), timeout)
-        except asyncio.TimeoutError:
+            await self._writer.drain()
+            frame = await asyncio.wait_for(receive(self._replies(), schema, MAX_REPLY_BYTES), timeout)
+        except TimeoutError:
             raise PeerError(self.peer_id, f"no reply within {timeout:.1f} s") from None
-        except P2PHandlerError as e:
-            raise PeerError(self.peer_id, str(e).split(": ", 1)[-1]) from None
-        except (P2PDaemonError, OSError, FramingError, WireFormatError, asyncio.IncompleteReadError) as e:
+        except (OSError, FramingError, WireFormatError, asyncio.IncompleteReadError) as e:
             raise PeerError(self.peer_id, f"broken reply: {e or type(e).__name__}") from e
         if frame is None:
             raise PeerError(self.peer_id, "the peer closed the stream")
@@ -63,9 +61,20 @@ class PeerStream:
         except WireFormatError as e:
             raise PeerError(self.peer_id, f"undecodable reply: {e}") from e
 
+    async def _replies(self) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        while True:
+            try:
+                reply, error = await P2P.receive_protobuf(runtime_pb2.ExpertResponse, self._reader)
+            except asyncio.IncompleteReadError:
+                return  # the peer closed its side
+            if error is not None:
+                raise PeerError(self.peer_id, error.message)
+            yield reply
+
     async def close(self) -> None:
-        self._outbox.put_nowait(None)
-        await self._replies.aclose()
+        with contextlib.suppress(OSError, RuntimeError):
+            await P2P.send_protobuf(P2P.END_OF_STREAM, self._writer)
+        self._writer.close()
 
 
 async def call(

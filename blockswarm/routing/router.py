@@ -22,3 +22,6 @@ class SwarmRouter:
 
     def ban(self, peer_id: PeerID) -> None:
         self.view.ban(peer_id)
+
+    def is_usable(self, peer_id: PeerID) -> bool:
+        return self.view.is_usable(peer_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -10,28 +11,52 @@ from hivemind.p2p import PeerID
 
 from blockswarm.dht import ServerInfo, ServerState, get_block_servers
 
+logger = logging.getLogger(__name__)
+
+LEAVING_STATES = (ServerState.DRAINING, ServerState.OFFLINE)
+
 
 class SwarmView:
-    def __init__(self, dht: DHT, model: str, num_blocks: int, max_age: float = 30.0, ban_seconds: float = 15.0):
+    """Refreshed in a background thread every `refresh_period` seconds, and on demand when routes fail.
+
+    A failing peer is banned for `ban_seconds`, doubled on each repeated failure up to `max_ban_seconds`.
+    """
+
+    def __init__(
+        self,
+        dht: DHT,
+        model: str,
+        num_blocks: int,
+        refresh_period: float = 10.0,
+        ban_seconds: float = 15.0,
+        max_ban_seconds: float = 300.0,
+    ):
         self.dht = dht
         self.model = model
         self.num_blocks = num_blocks
-        self.max_age = max_age
+        self.refresh_period = refresh_period
         self.ban_seconds = ban_seconds
+        self.max_ban_seconds = max_ban_seconds
         self._blocks: list[dict[PeerID, ServerInfo]] = [{} for _ in range(num_blocks)]
-        self._updated = -float("inf")
+        self._leaving: set[PeerID] = set()
         self._banned_until: dict[PeerID, float] = {}
+        self._failures: dict[PeerID, int] = {}
         self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._refreshed = threading.Event()
+        self._thread = threading.Thread(target=self._refresh_forever, name="blockswarm-swarm-view", daemon=True)
+        self._thread.start()
 
     def refresh(self) -> None:
         blocks = get_block_servers(self.dht, self.model, 0, self.num_blocks, latest=True)
+        leaving = {peer for block in blocks for peer, info in block.items() if info.state in LEAVING_STATES}
         with self._lock:
-            self._blocks = blocks
-            self._updated = time.monotonic()
+            self._blocks, self._leaving = blocks, leaving
+        self._refreshed.set()
 
     def usable_blocks(self) -> list[dict[PeerID, ServerInfo]]:
-        """ONLINE, unbanned peers per block, refreshing first when the view is stale."""
-        if time.monotonic() - self._updated > self.max_age:
+        """ONLINE, unbanned peers per block (after the first refresh has completed)."""
+        if not self._refreshed.is_set():
             self.refresh()
         now = time.monotonic()
         with self._lock:
@@ -44,6 +69,23 @@ class SwarmView:
                 for block in self._blocks
             ]
 
+    def is_usable(self, peer_id: PeerID) -> bool:
+        return peer_id not in self._leaving and self._banned_until.get(peer_id, 0) <= time.monotonic()
+
     def ban(self, peer_id: PeerID) -> None:
         with self._lock:
-            self._banned_until[peer_id] = time.monotonic() + self.ban_seconds
+            failures = self._failures[peer_id] = self._failures.get(peer_id, 0) + 1
+            duration = min(self.ban_seconds * 2 ** (failures - 1), self.max_ban_seconds)
+            self._banned_until[peer_id] = time.monotonic() + duration
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _refresh_forever(self) -> None:
+        while not self._stop.wait(0 if not self._refreshed.is_set() else self.refresh_period):
+            try:
+                self.refresh()
+            except Exception as e:  # the DHT may be unreachable for a while; the next period tries again
+                if self._stop.is_set():
+                    return
+                logger.warning("could not refresh the swarm view of %s: %s", self.model, e)
