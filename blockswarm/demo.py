@@ -20,6 +20,7 @@ def run_demo(directory: str, preset: str, peers: int, max_new_tokens: int) -> No
 
     from blockswarm.client import DistributedModelForCausalLM
     from blockswarm.models import init_random_model, load_config
+    from blockswarm.routing.route import describe_route
 
     work = Path(directory).resolve()
     model_dir = work / f"model-{preset}"
@@ -39,7 +40,7 @@ def run_demo(directory: str, preset: str, peers: int, max_new_tokens: int) -> No
         input_ids = tokenizer(prompt, return_tensors="pt").input_ids
         with DistributedModelForCausalLM.from_pretrained(model_dir, swarm.initial_peers) as model:
             route = model.remote.router.route(0, num_blocks)
-            print("[demo] route: " + " -> ".join(f"{str(h.peer_id)[-6:]}[{h.start}:{h.end}]" for h in route))
+            print(f"[demo] route: {describe_route(route)}")
             began = time.perf_counter()
             output = model.generate(input_ids, max_new_tokens=max_new_tokens)
             elapsed = time.perf_counter() - began

@@ -140,12 +140,18 @@ def test_replacement_dies_too(swarm, tiny_model, prompt, expected):
 def test_forward_backward_with_a_peer_killed_in_between(swarm, tiny_model, reference):
     input_ids = torch.randint(3, 4000, (1, 9), generator=torch.Generator().manual_seed(3))
     with client(swarm, tiny_model, step_timeout=10) as model:
+        forward, used = model.remote.chain.forward, []
+
+        async def recording_forward(*args):
+            outputs, hop_inputs = await forward(*args)
+            used.extend(hop for hop, _ in hop_inputs)
+            return outputs, hop_inputs
+
+        model.remote.chain.forward = recording_forward
         embeds = model.ends.embed(input_ids).detach().requires_grad_(True)
-        hidden = model.remote.forward(embeds)
-        logits = model.ends.logits(hidden)
+        logits = model.ends.logits(model.remote.forward(embeds))
         loss = torch.nn.functional.cross_entropy(logits[0, :-1], input_ids[0, 1:])
-        killed = model.remote.router.route(0, 8)[0].peer_id
-        process_of(swarm, killed).signal(signal.SIGKILL)
+        process_of(swarm, used[-1].peer_id).signal(signal.SIGKILL)  # backward starts with the last hop
         loss.backward()
 
     ref_embeds = reference.get_input_embeddings()(input_ids).detach().requires_grad_(True)

@@ -1,8 +1,9 @@
-"""Route finding and block selection on synthetic swarm views."""
+"""Route finding, stochastic wiring and block selection on synthetic swarm views."""
 
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import pytest
 from hivemind.p2p import PeerID
@@ -10,49 +11,103 @@ from hivemind.p2p import PeerID
 from blockswarm.dht import ServerInfo, ServerState
 from blockswarm.peer.block_selection import block_coverage, choose_span_start
 from blockswarm.pipeline.hops import NoRouteError
-from blockswarm.routing.route import fewest_hops_route
+from blockswarm.routing.route import StochasticWiring, min_latency_route, wired_route
+from blockswarm.routing.swarm_view import usable_peers
 
 
 def peer(n: int) -> PeerID:
     return PeerID(f"peer-{n}".encode())
 
 
-def view(spans: dict[int, tuple[int, int]], num_blocks: int, state=ServerState.ONLINE):
+def view(spans: dict[int, tuple[int, int]], num_blocks: int, state=ServerState.ONLINE, fields=None):
+    """A swarm view: peer n serves spans[n]; fields[n] sets its other record fields."""
     blocks = [{} for _ in range(num_blocks)]
     for n, (start, end) in spans.items():
+        info = ServerInfo(state=state, start=start, end=end, **(fields or {}).get(n, {}))
         for i in range(start, end):
-            blocks[i][peer(n)] = ServerInfo(state=state, start=start, end=end)
+            blocks[i][peer(n)] = info
     return blocks
 
 
-def test_fewest_hops_prefers_long_spans():
-    blocks = view({0: (0, 2), 1: (0, 6), 2: (2, 8), 3: (5, 8), 4: (6, 8)}, 8)
-    route = fewest_hops_route(blocks, 0, 8, "m", random.Random(0))
-    assert len(route) == 2
-    assert (route[0].peer_id, route[0].start, route[0].end) == (peer(1), 0, 6)
-    assert (route[1].start, route[1].end) == (6, 8) and route[1].peer_id in {peer(2), peer(3), peer(4)}
+def spans_of(route):
+    return [(h.peer_id, h.start, h.end) for h in route]
 
 
-def test_route_uses_sub_spans_and_covers_every_block_once():
-    blocks = view({0: (0, 3), 1: (2, 6), 2: (5, 8)}, 8)
-    route = fewest_hops_route(blocks, 0, 8, "m")
-    assert [(h.start, h.end) for h in route] == [(0, 3), (3, 6), (6, 8)]
-    partial = fewest_hops_route(blocks, 4, 7, "m")
-    assert [(h.peer_id, h.start, h.end) for h in partial] == [(peer(1), 4, 6), (peer(2), 6, 7)]
+def test_min_latency_prefers_the_low_latency_chain():
+    blocks = view({0: (0, 8), 1: (0, 4), 2: (4, 8)}, 8)
+    near = {peer(1): 0.001, peer(2): 0.001, peer(0): 0.5}
+    assert spans_of(min_latency_route(blocks, 0, 8, "m", near)) == [(peer(1), 0, 4), (peer(2), 4, 8)]
+    far = {peer(1): 0.2, peer(2): 0.2, peer(0): 0.01}
+    assert spans_of(min_latency_route(blocks, 0, 8, "m", far)) == [(peer(0), 0, 8)]
+
+
+def test_min_latency_weighs_compute_speed():
+    fast, slow = {"inference_rps": 1000.0}, {"inference_rps": 10.0}
+    blocks = view({0: (0, 8), 1: (0, 8)}, 8, fields={0: slow, 1: fast})
+    rtts = {peer(0): 0.001, peer(1): 0.001}
+    assert spans_of(min_latency_route(blocks, 0, 8, "m", rtts)) == [(peer(1), 0, 8)]
+    # a slow peer is worth using for the blocks only it serves, then the fast one takes over
+    blocks = view({0: (0, 8), 1: (3, 8)}, 8, fields={0: slow, 1: fast})
+    assert spans_of(min_latency_route(blocks, 0, 8, "m", rtts)) == [(peer(0), 0, 3), (peer(1), 3, 8)]
+
+
+def test_peers_without_cache_room_are_avoided_unless_nothing_else_serves():
+    blocks = view({0: (0, 8), 1: (0, 8)}, 8, fields={0: {"cache_tokens_left": 10}, 1: {"cache_tokens_left": 5000}})
+    rtts = {peer(0): 0.001, peer(1): 0.05}
+    assert spans_of(min_latency_route(blocks, 0, 8, "m", rtts, cache_tokens_needed=100)) == [(peer(1), 0, 8)]
+    only = view({0: (0, 8)}, 8, fields={0: {"cache_tokens_left": 10}})
+    assert spans_of(min_latency_route(only, 0, 8, "m", {}, cache_tokens_needed=100)) == [(peer(0), 0, 8)]
+
+
+def test_unknown_rtts_count_as_slow_but_usable():
+    blocks = view({0: (0, 8), 1: (0, 8)}, 8)
+    assert spans_of(min_latency_route(blocks, 0, 8, "m", {peer(1): 0.01})) == [(peer(1), 0, 8)]
+    assert len(min_latency_route(blocks, 0, 8, "m", {})) == 1
+    chosen = {min_latency_route(blocks, 0, 8, "m", {}, rng=random.Random(seed))[0].peer_id for seed in range(20)}
+    assert chosen == {peer(0), peer(1)}, "equal costs should be broken at random"
+
+
+def test_partial_ranges_use_sub_spans():
+    spans = {0: (0, 3), 1: (2, 6), 2: (5, 8)}
+    blocks = view(spans, 8)
+    for start, end, hops in ((0, 8, 3), (4, 7, 2)):
+        route = min_latency_route(blocks, start, end, "m")
+        assert len(route) == hops
+        assert route[0].start == start and route[-1].end == end
+        assert all(a.end == b.start for a, b in zip(route, route[1:]))
+        for hop in route:
+            served = spans[int(hop.peer_id.to_bytes().decode().split("-")[1])]
+            assert served[0] <= hop.start < hop.end <= served[1]
 
 
 def test_missing_blocks_are_named():
     blocks = view({0: (0, 3), 1: (5, 8)}, 8)
     with pytest.raises(NoRouteError, match=r"block\(s\) 3, 4 of model 'm'") as error:
-        fewest_hops_route(blocks, 0, 8, "m")
+        min_latency_route(blocks, 0, 8, "m")
     assert error.value.missing_blocks == [3, 4]
+    with pytest.raises(NoRouteError):
+        wired_route(blocks, 0, 8, "m", StochasticWiring())
 
 
-def test_random_tie_break_spreads_load():
-    blocks = view({0: (0, 8), 1: (0, 8)}, 8)
-    rng = random.Random(1)
-    chosen = {fewest_hops_route(blocks, 0, 8, "m", rng)[0].peer_id for _ in range(50)}
-    assert chosen == {peer(0), peer(1)}
+def test_bans_and_allow_block_lists_filter_peers():
+    blocks = view({0: (0, 8), 1: (0, 8), 2: (0, 8)}, 8)
+    assert set(usable_peers(blocks, excluded={peer(0)})[0]) == {peer(1), peer(2)}
+    assert set(usable_peers(blocks, excluded=set(), allowed={peer(2)})[0]) == {peer(2)}
+    offline = view({0: (0, 8)}, 8, state=ServerState.DRAINING)
+    assert usable_peers(offline, excluded=set()) == [{}] * 8
+    route = min_latency_route(usable_peers(blocks, excluded={peer(0), peer(1)}), 0, 8, "m")
+    assert spans_of(route) == [(peer(2), 0, 8)]
+
+
+def test_stochastic_wiring_shares_work_by_throughput():
+    throughputs = {0: 100.0, 1: 200.0, 2: 50.0, 3: 650.0}
+    blocks = view({n: (0, 8) for n in throughputs}, 8, fields={n: {"throughput": t} for n, t in throughputs.items()})
+    wiring = StochasticWiring(rng=random.Random(0))
+    counts = Counter(wired_route(blocks, 0, 8, "m", wiring)[0].peer_id for _ in range(2000))
+    total = sum(throughputs.values())
+    for n, throughput in throughputs.items():
+        share = counts[peer(n)] / 2000
+        assert abs(share - throughput / total) <= 0.1 * throughput / total, (n, share)
 
 
 def test_new_peer_takes_the_weakest_window():

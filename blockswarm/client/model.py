@@ -75,12 +75,17 @@ class DistributedModelForCausalLM(nn.Module):
         codec: str = "none",
         step_timeout: float = 30.0,
         failover_deadline: float = 60.0,
+        allowed_peers: list[str] | None = None,
+        blocked_peers: list[str] = (),
+        show_route: bool = False,
     ) -> DistributedModelForCausalLM:
         """Load the embeddings and head from `name_or_path` and join the swarm through `initial_peers`.
 
         `model_name` is the name the peers announce; by default it is derived from the checkpoint exactly as
         `blockswarm run-server` derives it. A peer that does not answer a step within `step_timeout` seconds is
         replaced; when no peer can serve some blocks for `failover_deadline` seconds, the call fails naming them.
+        `allowed_peers` pins routes to those peer ids, `blocked_peers` excludes some; `show_route=True` prints
+        every route an inference session takes (at open and after each failover) to stderr.
         """
         config = load_config(name_or_path)
         model_name = model_name or swarm_model_name(name_or_path, weights_fingerprint(name_or_path))
@@ -92,6 +97,9 @@ class DistributedModelForCausalLM(nn.Module):
             codec=codec,
             step_timeout=step_timeout,
             retry_policy=RetryPolicy(deadline=failover_deadline),
+            allowed_peers=allowed_peers,
+            blocked_peers=list(blocked_peers),
+            show_route=show_route,
         )
         return cls(config, ends, remote)
 

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import sys
+
 import torch
 from hivemind.dht import DHT
+from hivemind.p2p import PeerID
 
 from blockswarm.client.event_loop import BackgroundLoop
 from blockswarm.dht import exit_with_parent, make_validators
 from blockswarm.models import ModelConfig
 from blockswarm.pipeline.chain import Chain
+from blockswarm.pipeline.hops import Hop
 from blockswarm.pipeline.inference import InferenceSession
 from blockswarm.pipeline.retry import RetryPolicy
+from blockswarm.routing.route import describe_route
 from blockswarm.routing.router import SwarmRouter
 from blockswarm.routing.swarm_view import SwarmView
 
@@ -24,6 +30,9 @@ class RemoteBlocks:
         codec: str = "none",
         step_timeout: float = 30.0,
         retry_policy: RetryPolicy | None = None,
+        allowed_peers: list[str] | None = None,
+        blocked_peers: list[str] = (),
+        show_route: bool = False,
     ):
         if not initial_peers:
             raise ValueError("initial_peers is empty: pass the multiaddr of at least one peer of the swarm")
@@ -37,9 +46,23 @@ class RemoteBlocks:
         exit_with_parent(self.dht)
         self.loop = BackgroundLoop()
         self.p2p = self.loop.run(self.dht.replicate_p2p())
-        self.view = SwarmView(self.dht, model_name, config.num_blocks)
+        self.view = SwarmView(
+            self.dht,
+            model_name,
+            config.num_blocks,
+            allowed_peers=None if allowed_peers is None else [PeerID.from_base58(p) for p in allowed_peers],
+            blocked_peers=[PeerID.from_base58(p) for p in blocked_peers],
+        )
         self.router = SwarmRouter(self.view)
         self.chain = Chain(self.p2p, self.router, codec, step_timeout, self.retry_policy)
+        self.show_route = show_route
+        self._pinging = asyncio.run_coroutine_threadsafe(self._ping_forever(), self.loop.loop)
+
+    async def _ping_forever(self) -> None:
+        """Keep client-to-peer RTTs fresh for routing."""
+        while True:
+            await self.router.ping_peers(self.p2p)
+            await asyncio.sleep(self.view.refresh_period)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states through every block; differentiable w.r.t. `hidden`."""
@@ -55,6 +78,7 @@ class RemoteBlocks:
             self.codec,
             self.step_timeout,
             self.retry_policy,
+            on_route=self._print_route if self.show_route else None,
         )
         self.loop.run(session.open())
         return session
@@ -65,7 +89,11 @@ class RemoteBlocks:
     def close_session(self, session: InferenceSession) -> None:
         self.loop.run(session.close())
 
+    def _print_route(self, hops: list[Hop]) -> None:
+        print(f"blockswarm route for {self.model_name}: {describe_route(hops)}", file=sys.stderr, flush=True)
+
     def shutdown(self) -> None:
+        self._pinging.cancel()
         self.view.close()
         self.loop.run(self.p2p.shutdown())
         self.loop.stop()

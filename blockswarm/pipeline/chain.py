@@ -23,7 +23,7 @@ from blockswarm.wire.messages import BACKWARD_RPC, FORWARD_RPC, ChainRequest
 class Chain:
     p2p: P2P
     router: Router
-    codec: str = "none"
+    codec: str = "none"  # preferred; each hop uses it where its peer supports it
     timeout: float = 30.0
     retry_policy: RetryPolicy = RetryPolicy()
 
@@ -33,12 +33,19 @@ class Chain:
         """Outputs of blocks [start, end) and, per hop, the inputs it received (backward recomputes from them)."""
         dtype = hidden.dtype
         inputs: list[tuple[Hop, torch.Tensor]] = []
+        plan: list[Hop] = []  # the wired hops still ahead; re-wired from the failed block after a failure
         block = start
         while block < end:
 
             async def next_hop(block: int = block, hidden: torch.Tensor = hidden) -> tuple[Hop, torch.Tensor]:
-                hop = (await self._route(block, end))[0]
-                return hop, await self._call(hop, FORWARD_RPC, [hidden])
+                if not plan or plan[0].start != block:
+                    plan[:] = await self._route(block, end)
+                hop = plan.pop(0)
+                try:
+                    return hop, await self._call(hop, FORWARD_RPC, [hidden])
+                except PeerError:
+                    plan.clear()
+                    raise
 
             hop, outputs = await retry(self.retry_policy, next_hop, f"running forward from block {block}")
             inputs.append((hop, hidden))
@@ -69,12 +76,13 @@ class Chain:
         return await retry(self.retry_policy, on_replacement, f"running backward of blocks {hop.start}:{hop.end}")
 
     async def _route(self, start: int, end: int) -> list[Hop]:
-        return await asyncio.to_thread(self.router.route, start, end)
+        return await asyncio.to_thread(self.router.wire, start, end)
 
     async def _call(self, hop: Hop, rpc: str, tensors: list[torch.Tensor]) -> torch.Tensor:
-        request = ChainRequest(start=hop.start, end=hop.end, codec=self.codec)
+        codec = hop.codec_for(self.codec)
+        request = ChainRequest(start=hop.start, end=hop.end, codec=codec)
         try:
-            (output,) = await call(self.p2p, hop.peer_id, rpc, request, tensors, self.codec, self.timeout)
+            (output,) = await call(self.p2p, hop.peer_id, rpc, request, tensors, codec, self.timeout)
         except PeerError as error:
             self.router.ban(error.peer_id)
             raise

@@ -10,16 +10,25 @@ from hivemind.p2p import PeerID
 
 @dataclass(frozen=True)
 class Hop:
-    """Blocks [start, end) computed by one peer."""
+    """Blocks [start, end) computed by one peer, which decodes the wire codecs it advertises."""
 
     peer_id: PeerID
     start: int
     end: int
+    codecs: tuple[str, ...] = ("none",)
+
+    def codec_for(self, preferred: str) -> str:
+        """The codec for tensors to and from this peer: the caller's choice if the peer speaks it, else none."""
+        return preferred if preferred in self.codecs else "none"
 
 
 class Router(Protocol):
-    def route(self, start: int, end: int) -> list[Hop]:
-        """Consecutive hops covering blocks [start, end); raises NoRouteError when some block has no peer."""
+    def route(self, start: int, end: int, cache_tokens_needed: int = 0) -> list[Hop]:
+        """The fastest consecutive hops covering blocks [start, end) for an inference session whose KV cache
+        takes `cache_tokens_needed` tokens; raises NoRouteError when some block has no usable peer."""
+
+    def wire(self, start: int, end: int) -> list[Hop]:
+        """Consecutive hops covering blocks [start, end) for one forward/backward pass, load-balanced."""
 
     def ban(self, peer_id: PeerID) -> None:
         """Stop routing through a peer that failed (for a while that grows with repeated failures)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 
 import torch
 from hivemind.p2p import P2P
@@ -26,10 +27,11 @@ REPLAY_CHUNK_TOKENS = 1024  # replayed history goes out in steps of at most this
 class SpanSession:
     """Blocks [hop.start, hop.end) of a session, computed by hop.peer_id."""
 
-    def __init__(self, hop: Hop, stream: PeerStream, session_id: str):
+    def __init__(self, hop: Hop, stream: PeerStream, session_id: str, codec: str):
         self.hop = hop
         self.stream = stream
         self.session_id = session_id
+        self.codec = get_codec(codec)
 
     @classmethod
     async def open(
@@ -46,7 +48,7 @@ class SpanSession:
             codec=codec,
         )
         stream.send(opening, [])
-        return cls(hop, stream, session_id)
+        return cls(hop, stream, session_id, codec)
 
     async def step(self, payload: bytes, position: int, timeout: float) -> torch.Tensor:
         """Send one encoded tensor of hidden states at `position`; returns this span's outputs."""
@@ -71,19 +73,21 @@ class InferenceSession:
         codec: str = "none",
         step_timeout: float = 30.0,
         retry_policy: RetryPolicy | None = None,
+        on_route: Callable[[list[Hop]], None] | None = None,
     ):
         self.p2p = p2p
         self.router = router
         self.num_blocks = num_blocks
         self.max_length = max_length
         self.batch_size = batch_size
-        self.codec = get_codec(codec)
+        self.codec = codec  # preferred; each span uses it where its peer supports it
         self.step_timeout = step_timeout
         self.retry_policy = retry_policy or RetryPolicy()
         self.position = 0
         self.spans: list[SpanSession] = []
         self.history: dict[int, torch.Tensor] = {}  # first block of a span -> inputs its peer decoded
         self.failovers = 0
+        self.on_route = on_route  # told about every route chosen: at open and on each failover
 
     async def open(self) -> None:
         self.spans = await retry(self.retry_policy, lambda: self._open_spans(0, self.num_blocks), "opening a route")
@@ -102,8 +106,8 @@ class InferenceSession:
         index = 0
         while index < len(self.spans):
             span = self.spans[index]
-            payload = encode_tensor(hidden, self.codec.name)
-            self._record(span.hop.start, hidden if self.codec.lossless else decode_tensor(payload), self.position)
+            payload = encode_tensor(hidden, span.codec.name)
+            self._record(span.hop.start, hidden if span.codec.lossless else decode_tensor(payload), self.position)
             try:
                 if not self.router.is_usable(span.hop.peer_id):
                     raise PeerError(span.hop.peer_id, "announced it is leaving or was banned")
@@ -139,13 +143,15 @@ class InferenceSession:
         self.failovers += 1
 
     async def _open_spans(self, start: int, end: int, replay: bool = False) -> list[SpanSession]:
-        hops = await asyncio.to_thread(self.router.route, start, end)
+        hops = await asyncio.to_thread(self.router.route, start, end, self.batch_size * self.max_length)
+        if self.on_route is not None:
+            self.on_route(hops)
         spans: list[SpanSession] = []
         try:
             for hop in hops:
                 spans.append(
                     await SpanSession.open(
-                        self.p2p, hop, self.max_length, self.batch_size, self.codec.name, self.step_timeout
+                        self.p2p, hop, self.max_length, self.batch_size, hop.codec_for(self.codec), self.step_timeout
                     )
                 )
             if replay and self.position > 0:

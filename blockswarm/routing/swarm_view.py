@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterable
 
 from hivemind.dht import DHT
 from hivemind.p2p import PeerID
@@ -16,10 +17,25 @@ logger = logging.getLogger(__name__)
 LEAVING_STATES = (ServerState.DRAINING, ServerState.OFFLINE)
 
 
+def usable_peers(
+    blocks: list[dict[PeerID, ServerInfo]], excluded: set[PeerID], allowed: set[PeerID] | None = None
+) -> list[dict[PeerID, ServerInfo]]:
+    """Per block, the ONLINE peers that are not excluded (and are allowed, when an allow list is given)."""
+    return [
+        {
+            peer: info
+            for peer, info in block.items()
+            if info.state == ServerState.ONLINE and peer not in excluded and (allowed is None or peer in allowed)
+        }
+        for block in blocks
+    ]
+
+
 class SwarmView:
     """Refreshed in a background thread every `refresh_period` seconds, and on demand when routes fail.
 
     A failing peer is banned for `ban_seconds`, doubled on each repeated failure up to `max_ban_seconds`.
+    `allowed_peers` (if given) pins routing to those peers; `blocked_peers` are never used.
     """
 
     def __init__(
@@ -30,6 +46,8 @@ class SwarmView:
         refresh_period: float = 10.0,
         ban_seconds: float = 15.0,
         max_ban_seconds: float = 300.0,
+        allowed_peers: Iterable[PeerID] | None = None,
+        blocked_peers: Iterable[PeerID] = (),
     ):
         self.dht = dht
         self.model = model
@@ -37,6 +55,8 @@ class SwarmView:
         self.refresh_period = refresh_period
         self.ban_seconds = ban_seconds
         self.max_ban_seconds = max_ban_seconds
+        self.allowed_peers = None if allowed_peers is None else set(allowed_peers)
+        self.blocked_peers = set(blocked_peers)
         self._blocks: list[dict[PeerID, ServerInfo]] = [{} for _ in range(num_blocks)]
         self._leaving: set[PeerID] = set()
         self._banned_until: dict[PeerID, float] = {}
@@ -60,14 +80,13 @@ class SwarmView:
             self.refresh()
         now = time.monotonic()
         with self._lock:
-            return [
-                {
-                    peer: info
-                    for peer, info in block.items()
-                    if info.state == ServerState.ONLINE and self._banned_until.get(peer, 0) <= now
-                }
-                for block in self._blocks
-            ]
+            excluded = self.blocked_peers | {peer for peer, until in self._banned_until.items() if until > now}
+            return usable_peers(self._blocks, excluded, self.allowed_peers)
+
+    def peers(self) -> set[PeerID]:
+        """Every peer the view knows as ONLINE, usable or not."""
+        with self._lock:
+            return {peer for block in self._blocks for peer, info in block.items() if info.state == ServerState.ONLINE}
 
     def is_usable(self, peer_id: PeerID) -> bool:
         return peer_id not in self._leaving and self._banned_until.get(peer_id, 0) <= time.monotonic()

@@ -1,0 +1,48 @@
+"""Round-trip times to peers: measured with the cheap `info` call, smoothed, and forgotten when stale."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
+
+from blockswarm.wire.messages import INFO_RPC
+
+
+async def measure_rtt(p2p: P2P, peer_id: PeerID, timeout: float = 5.0) -> float | None:
+    """Seconds for one `info` round trip, or None when the peer does not answer in time."""
+    began = time.perf_counter()
+    try:
+        await asyncio.wait_for(
+            p2p.call_protobuf_handler(peer_id, INFO_RPC, runtime_pb2.ExpertRequest(), runtime_pb2.ExpertResponse),
+            timeout,
+        )
+    except Exception:  # any failure means "unreachable now"; the caller treats it as no measurement
+        return None
+    return time.perf_counter() - began
+
+
+@dataclass
+class RttEma:
+    """Exponential moving average of RTTs per peer; a value older than `max_age` seconds counts as unknown."""
+
+    alpha: float = 0.3
+    max_age: float = 300.0
+    _values: dict[PeerID, tuple[float, float]] = field(default_factory=dict)
+
+    def update(self, peer_id: PeerID, rtt: float) -> None:
+        previous = self.get(peer_id)
+        value = rtt if previous is None else self.alpha * rtt + (1 - self.alpha) * previous
+        self._values[peer_id] = (value, time.monotonic())
+
+    def get(self, peer_id: PeerID) -> float | None:
+        entry = self._values.get(peer_id)
+        if entry is None or time.monotonic() - entry[1] > self.max_age:
+            return None
+        return entry[0]
+
+    def snapshot(self) -> dict[PeerID, float]:
+        return {peer: value for peer in list(self._values) if (value := self.get(peer)) is not None}
