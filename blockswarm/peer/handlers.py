@@ -227,6 +227,11 @@ class RequestHandlers:
                 async for _ in requests:
                     pass
 
+    def serve(self, backend: BlockBackend, cache: CachePool) -> None:
+        """Start serving another span (after a rebalancing move): new blocks, new cache, accepting work again."""
+        self.backend, self.cache = backend, cache
+        self._leaving = asyncio.get_running_loop().create_future()
+
     def begin_leaving(self) -> None:
         """Refuse new work and tell every open session to move on; steps already running still finish."""
         if not self._leaving.done():

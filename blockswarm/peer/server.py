@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import signal
 import sys
 from dataclasses import dataclass, field
 
 import torch
 from hivemind.dht import DHT
+from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 
 from blockswarm import __version__
@@ -27,12 +29,15 @@ from blockswarm.dht import (
 from blockswarm.models import load_blocks, load_config, weights_fingerprint
 from blockswarm.models.naming import swarm_model_name
 from blockswarm.peer.backend import BlockBackend
-from blockswarm.peer.block_selection import block_coverage, choose_span_start
+from blockswarm.peer.block_selection import block_coverage, choose_move, choose_span_start
 from blockswarm.peer.cache import CachePool
 from blockswarm.peer.handlers import RequestHandlers, ServingLimits
+from blockswarm.peer.throughput import Throughput, measure_throughput
+from blockswarm.wire.ping import RttEma, measure_rtt
 
 logger = logging.getLogger(__name__)
 
+MAX_NEXT_PINGS = 8
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -54,6 +59,8 @@ class ServerOptions:
     public_name: str | None = None
     update_period: float = 30.0
     grace_period: float = 10.0  # on SIGTERM: how long running requests may take to finish
+    balance_period: float = 120.0  # mean seconds between rebalancing checks (peers with pinned --blocks never move)
+    throughput: float | None = None  # override the measured forward throughput (tokens/s per block)
     limits: ServingLimits = field(default_factory=ServingLimits)
 
 
@@ -109,15 +116,17 @@ class Server:
         self.device = resolve_device(options.device)
         self.dtype = resolve_dtype(options.dtype, self.device)
         self.state = ServerState.JOINING
+        self.span = (0, 0)
+        self.throughput: Throughput | None = None
+        self.next_pings = RttEma()
 
     def run(self) -> None:
         """Blocks until SIGINT/SIGTERM; the DHT process is forked before any torch threads start."""
         dht, public_key = start_dht(self.options)
         try:
-            start, end = self._choose_blocks(dht)
-            self._announce(dht, public_key, start, end, cache_tokens_left=0)
-            blocks = load_blocks(self.options.model, start, end, dtype=self.dtype, device=self.device)
-            backend = BlockBackend(self.config, blocks, start, self.dtype, self.device)
+            self.span = self._choose_blocks(dht)
+            self._announce(dht, public_key, cache_tokens_left=0)
+            backend = self._load(*self.span)
             try:
                 import uvloop
 
@@ -126,6 +135,12 @@ class Server:
                 backend.shutdown()
         finally:
             dht.shutdown()
+
+    def _load(self, start: int, end: int) -> BlockBackend:
+        blocks = load_blocks(self.options.model, start, end, dtype=self.dtype, device=self.device)
+        if self.throughput is None:
+            self.throughput = measure_throughput(blocks[0], self.config, self.dtype, self.device, "none")
+        return BlockBackend(self.config, blocks, start, self.dtype, self.device)
 
     def _choose_blocks(self, dht: DHT) -> tuple[int, int]:
         total = self.config.num_blocks
@@ -141,6 +156,12 @@ class Server:
         start = choose_span_start(coverage, count)
         return start, start + count
 
+    @property
+    def published_throughput(self) -> float:
+        if self.options.throughput is not None:
+            return self.options.throughput
+        return self.throughput.forward_rps if self.throughput else 1.0
+
     def _status(self) -> dict:
         return dict(
             state=self.state.value,
@@ -150,15 +171,22 @@ class Server:
             codecs=sorted(CODECS),
         )
 
-    def _announce(self, dht: DHT, public_key: bytes, start: int, end: int, cache_tokens_left: int) -> None:
+    def _announce(
+        self, dht: DHT, public_key: bytes, cache_tokens_left: int, span: tuple[int, int] | None = None
+    ) -> None:
+        start, end = span or self.span
         ttl = max(2 * self.options.update_period, self.options.update_period + 10)
         expiration = get_dht_time() + ttl
         info = ServerInfo(
             state=self.state,
             start=start,
             end=end,
+            throughput=self.published_throughput,
+            inference_rps=self.throughput.inference_rps if self.throughput else None,
+            forward_rps=self.throughput.forward_rps if self.throughput else None,
             cache_tokens_left=cache_tokens_left,
             public_name=self.options.public_name,
+            next_pings={peer.to_base58(): rtt for peer, rtt in self.next_pings.snapshot().items()},
             **{k: v for k, v in self._status().items() if k != "state"},
         )
         if not announce_server(dht, self.model_name, info, public_key, expiration):
@@ -177,30 +205,78 @@ class Server:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         p2p = await dht.replicate_p2p()
-        cache = CachePool(self.options.cache_tokens, len(backend.blocks), backend.make_cache)
-        handlers = RequestHandlers(self.model_name, backend, cache, self.options.limits, self._status)
+        handlers = RequestHandlers(
+            self.model_name, backend, self._cache_for(backend), self.options.limits, self._status
+        )
         await handlers.register(p2p)
 
-        async def announce() -> None:
-            await asyncio.to_thread(self._announce, dht, public_key, backend.start, backend.end, cache.tokens_left)
+        async def announce(span: tuple[int, int] | None = None) -> None:
+            await asyncio.to_thread(self._announce, dht, public_key, handlers.cache.tokens_left, span)
 
         self.state = ServerState.ONLINE
         await announce()
         maddrs = " ".join(str(a) for a in await p2p.get_visible_maddrs())
         print(
-            f"blockswarm peer ready: model={self.model_name} blocks={backend.start}:{backend.end} "
+            f"blockswarm peer ready: model={self.model_name} blocks={self.span[0]}:{self.span[1]} "
             f"peer_id={dht.peer_id} maddrs={maddrs}",
             flush=True,
         )
+        next_balance = loop.time() + self._balance_delay()
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), self.options.update_period)
             except TimeoutError:
+                await self._ping_next_peers(dht, p2p)
+                if self.options.blocks is None and loop.time() >= next_balance:
+                    await self._rebalance(dht, handlers, announce)
+                    next_balance = loop.time() + self._balance_delay()
                 await announce()
+        await self._drain(handlers, announce)
+        self.state = ServerState.OFFLINE
+        await announce()
+        print("blockswarm peer stopped: announced OFFLINE", file=sys.stderr, flush=True)
+
+    def _cache_for(self, backend: BlockBackend) -> CachePool:
+        return CachePool(self.options.cache_tokens, len(backend.blocks), backend.make_cache)
+
+    def _balance_delay(self) -> float:
+        """Randomized so that peers which see the same gap do not all move at once."""
+        return self.options.balance_period * random.uniform(0.5, 1.5)
+
+    async def _drain(self, handlers: RequestHandlers, announce) -> None:
         self.state = ServerState.DRAINING
         await announce()
         handlers.begin_leaving()
         await handlers.wait_idle(self.options.grace_period)
+
+    async def _rebalance(self, dht: DHT, handlers: RequestHandlers, announce) -> None:
+        """Move to a better span when the swarm's bottleneck would clearly improve: drain, load, serve."""
+        total = self.config.num_blocks
+        records = await asyncio.to_thread(get_block_servers, dht, self.model_name, 0, total, latest=True)
+        coverage = block_coverage(records, exclude=[dht.peer_id])
+        new_start = choose_move(coverage, self.span, self.published_throughput)
+        if new_start is None:
+            return
+        old = self.span
+        await self._drain(handlers, announce)
         self.state = ServerState.OFFLINE
         await announce()
-        print("blockswarm peer stopped: announced OFFLINE", file=sys.stderr, flush=True)
+        self.span = (new_start, new_start + old[1] - old[0])
+        self.state = ServerState.JOINING
+        await announce()
+        old_backend = handlers.backend
+        backend = await asyncio.to_thread(self._load, *self.span)
+        handlers.serve(backend, self._cache_for(backend))
+        old_backend.shutdown()
+        self.state = ServerState.ONLINE
+        print(f"blockswarm peer moved: blocks={old[0]}:{old[1]} -> {self.span[0]}:{self.span[1]}", flush=True)
+
+    async def _ping_next_peers(self, dht: DHT, p2p: P2P) -> None:
+        """RTTs to the peers serving the block right after this span, published as next_pings."""
+        if self.span[1] >= self.config.num_blocks:
+            return
+        (successors,) = await asyncio.to_thread(get_block_servers, dht, self.model_name, self.span[1], self.span[1] + 1)
+        peers = list(successors)[:MAX_NEXT_PINGS]
+        for peer, rtt in zip(peers, await asyncio.gather(*(measure_rtt(p2p, peer, timeout=2.0) for peer in peers))):
+            if rtt is not None:
+                self.next_pings.update(peer, rtt)

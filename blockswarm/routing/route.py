@@ -52,33 +52,30 @@ def min_latency_route(
     _missing(blocks, start, end, model)
     rng = rng or random.Random()
     rtts = rtts or {}
-    jitter: dict[PeerID, float] = {}  # a tiny random tie-break, fixed per peer for this search
-
-    def entry_cost(peer: PeerID, info: ServerInfo) -> float:
-        cost = rtts.get(peer, costs.unknown_rtt) + costs.hop_overhead
-        if info.cache_tokens_left < cache_tokens_needed:
-            cost += costs.no_cache_penalty
-        return cost + jitter.setdefault(peer, rng.random() * 1e-9)
-
+    hop_costs: dict[PeerID, tuple[float, float]] = {}  # peer -> (cost of entering it, seconds per block)
     best = [float("inf")] * (end + 1)  # cheapest known cost to have computed blocks [start, i)
     came_from: list[tuple[PeerID, int, ServerInfo] | None] = [None] * (end + 1)
     best[start] = 0.0
-    # per peer: min over entry boundaries e of best[e] - e * block_time, with the argmin e
+    # per peer: min over entry boundaries e of best[e] + entry - e * per_block, with the argmin e. Spans are
+    # contiguous, so an entry stays valid while the peer keeps appearing block after block.
     running: dict[PeerID, tuple[float, int]] = {}
     for block in range(start, end):
         for peer, info in blocks[block].items():
-            per_block = costs.block_time(info)
-            enter_here = best[block] + entry_cost(peer, info) - block * per_block
+            params = hop_costs.get(peer)
+            if params is None:
+                entry = rtts.get(peer, costs.unknown_rtt) + costs.hop_overhead + rng.random() * 1e-9  # random tie-break
+                if info.cache_tokens_left < cache_tokens_needed:
+                    entry += costs.no_cache_penalty
+                params = hop_costs[peer] = (entry, costs.block_time(info))
+            entry, per_block = params
+            enter_here = best[block] + entry - block * per_block
             current = running.get(peer)
-            if current is None or enter_here < current[0]:
+            if current is None or enter_here < current[0] or current[1] < info.start:
                 running[peer] = current = (enter_here, block)
             cost = current[0] + (block + 1) * per_block
             if cost < best[block + 1]:
                 best[block + 1] = cost
                 came_from[block + 1] = (peer, current[1], info)
-        if block + 1 < end:
-            for peer in [p for p in running if p not in blocks[block + 1]]:
-                del running[peer]  # its span ended: it cannot be extended past this boundary
     hops: list[Hop] = []
     boundary = end
     while boundary > start:
