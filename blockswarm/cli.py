@@ -97,6 +97,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="idle seconds before an inference session is closed and its cache freed",
     )
     server.add_argument(
+        "--quant",
+        default="none",
+        choices=["none", "int8", "nf4"],
+        help="weight quantization of the served blocks with bitsandbytes: int8 (LLM.int8, outlier threshold 6.0; "
+        "~1/4 of fp32 memory) or nf4 (QLoRA 4-bit, block 64; ~1/7 of fp32 memory), on CPU and GPU. Default none: "
+        "quantized matmuls are slow on CPUs, so a CPU peer serves full precision unless memory is what limits it",
+    )
+    server.add_argument(
+        "--balance-period",
+        type=float,
+        default=120.0,
+        help="mean seconds between checks whether moving to other blocks would help the swarm (randomized "
+        "+-50%%); peers started with --blocks never move",
+    )
+    server.add_argument(
+        "--throughput",
+        type=float,
+        default=None,
+        help="announce this throughput (tokens/s per block) instead of measuring it at start",
+    )
+    server.add_argument(
         "--grace-period",
         type=float,
         default=10.0,
@@ -124,6 +145,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--preset", default="tiny", choices=["tiny", "small", "medium"])
     demo.add_argument("--peers", type=int, default=3)
     demo.add_argument("--max-new-tokens", type=int, default=24)
+
+    monitor = commands.add_parser(
+        "monitor",
+        help="crawl the swarm and serve a health page, a JSON API and Prometheus metrics",
+        description="Crawl the swarm every --period seconds; serve / (page), /api/v1/state, /metrics.",
+    )
+    monitor.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR")
+    monitor.add_argument("--host", default=DEFAULT_HOST, help="address of the web server (default: all interfaces)")
+    monitor.add_argument("--port", type=int, default=8080, help="port of the web server (default: 8080)")
+    monitor.add_argument("--period", type=float, default=30.0, help="seconds between crawls (default: 30)")
+    monitor.add_argument(
+        "--info-timeout", type=float, default=5.0, help="seconds a peer may take to answer `info` (default: 5)"
+    )
     return parser
 
 
@@ -178,6 +212,9 @@ def run_server(args: argparse.Namespace) -> None:
         public_name=args.public_name,
         update_period=args.update_period,
         grace_period=args.grace_period,
+        balance_period=args.balance_period,
+        throughput=args.throughput,
+        quant=args.quant,
         limits=ServingLimits(session_timeout=args.session_timeout),
     )
     Server(options).run()
@@ -215,6 +252,12 @@ def demo(args: argparse.Namespace) -> None:
     run_demo(args.dir, args.preset, args.peers, args.max_new_tokens)
 
 
+def monitor(args: argparse.Namespace) -> None:
+    from blockswarm.monitor import run_monitor
+
+    run_monitor(args.initial_peers, args.host, args.port, args.period, args.info_timeout)
+
+
 def main(argv: list[str] | None = None) -> None:
     # Peers and clients often share cores with each other: idle OpenMP threads must sleep, not spin.
     # Read once when torch loads, which every command does lazily after this point.
@@ -227,5 +270,6 @@ def main(argv: list[str] | None = None) -> None:
         "init-model": init_model,
         "generate": generate,
         "demo": demo,
+        "monitor": monitor,
     }
     commands[args.command](args)

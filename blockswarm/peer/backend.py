@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from blockswarm.compression.weights import block_memory_bytes
 from blockswarm.models import KVCache, ModelConfig, TransformerBlock
 
 
@@ -37,6 +38,10 @@ class BlockBackend:
 
     def cache_bytes_per_token(self) -> int:
         return 2 * self.config.num_kv_heads * self.config.head_dim * self.dtype.itemsize
+
+    def memory_per_block(self) -> int:
+        """Bytes resident for one served block (weights and quantization state), averaged over the span."""
+        return sum(block_memory_bytes(block) for block in self.blocks) // len(self.blocks)
 
     async def run(self, fn, *args, inline: bool = False):
         """Run `fn(*args)` on the compute thread, or right here when `inline` (tiny steps, where the hand-off

@@ -16,6 +16,7 @@ from hivemind.utils import get_dht_time
 
 from blockswarm import __version__
 from blockswarm.compression.codecs import CODECS
+from blockswarm.compression.weights import QUANT_TYPES, quantize_block
 from blockswarm.dht import (
     ModelInfo,
     ServerInfo,
@@ -61,6 +62,7 @@ class ServerOptions:
     grace_period: float = 10.0  # on SIGTERM: how long running requests may take to finish
     balance_period: float = 120.0  # mean seconds between rebalancing checks (peers with pinned --blocks never move)
     throughput: float | None = None  # override the measured forward throughput (tokens/s per block)
+    quant: str = "none"  # weight quantization of the served blocks: none | int8 | nf4
     limits: ServingLimits = field(default_factory=ServingLimits)
 
 
@@ -115,6 +117,8 @@ class Server:
         self.model_name = options.model_name or swarm_model_name(options.model, weights_fingerprint(options.model))
         self.device = resolve_device(options.device)
         self.dtype = resolve_dtype(options.dtype, self.device)
+        if options.quant not in QUANT_TYPES:
+            raise SystemExit(f"error: unknown --quant {options.quant!r}; choose one of {', '.join(QUANT_TYPES)}")
         self.state = ServerState.JOINING
         self.span = (0, 0)
         self.throughput: Throughput | None = None
@@ -137,9 +141,14 @@ class Server:
             dht.shutdown()
 
     def _load(self, start: int, end: int) -> BlockBackend:
-        blocks = load_blocks(self.options.model, start, end, dtype=self.dtype, device=self.device)
+        """Load (on the CPU when quantizing: the full-precision weights never occupy the GPU) and quantize."""
+        quant = self.options.quant
+        blocks = load_blocks(
+            self.options.model, start, end, dtype=self.dtype, device="cpu" if quant != "none" else self.device
+        )
+        blocks = [quantize_block(block, quant, self.device) for block in blocks]
         if self.throughput is None:
-            self.throughput = measure_throughput(blocks[0], self.config, self.dtype, self.device, "none")
+            self.throughput = measure_throughput(blocks[0], self.config, self.dtype, self.device, quant)
         return BlockBackend(self.config, blocks, start, self.dtype, self.device)
 
     def _choose_blocks(self, dht: DHT) -> tuple[int, int]:
@@ -167,7 +176,7 @@ class Server:
             state=self.state.value,
             version=__version__,
             dtype=str(self.dtype).removeprefix("torch."),
-            quant="none",
+            quant=self.options.quant,
             codecs=sorted(CODECS),
         )
 
