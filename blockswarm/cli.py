@@ -145,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--preset", default="tiny", choices=["tiny", "small", "medium"])
     demo.add_argument("--peers", type=int, default=3)
     demo.add_argument("--max-new-tokens", type=int, default=24)
+    demo.add_argument("--monitor-port", type=int, default=8080, help="port of the swarm monitor's page")
 
     monitor = commands.add_parser(
         "monitor",
@@ -249,7 +250,7 @@ def generate(args: argparse.Namespace) -> None:
 def demo(args: argparse.Namespace) -> None:
     from blockswarm.demo import run_demo
 
-    run_demo(args.dir, args.preset, args.peers, args.max_new_tokens)
+    run_demo(args.dir, args.preset, args.peers, args.max_new_tokens, args.monitor_port)
 
 
 def monitor(args: argparse.Namespace) -> None:

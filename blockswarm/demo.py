@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +18,7 @@ def _spans(num_blocks: int, peers: int) -> list[str]:
     return [f"{s}:{s + width}" for s in starts]
 
 
-def run_demo(directory: str, preset: str, peers: int, max_new_tokens: int) -> None:
+def run_demo(directory: str, preset: str, peers: int, max_new_tokens: int, monitor_port: int = 8080) -> None:
     from transformers import AutoTokenizer
 
     from blockswarm.client import DistributedModelForCausalLM
@@ -49,3 +52,9 @@ def run_demo(directory: str, preset: str, peers: int, max_new_tokens: int) -> No
         print("       " + repr(tokenizer.decode(output[0, input_ids.shape[1] :])))
         print(f"[demo] token ids: {output[0].tolist()}")
         print(f"[demo] logs of every process are in {swarm.work_dir}")
+        url = swarm.start_monitor(port=monitor_port)
+        print(f"[demo] swarm monitor: {url}")
+        if sys.stdin.isatty():
+            print("[demo] the swarm and its monitor keep running; press Ctrl-C to stop them")
+            with contextlib.suppress(KeyboardInterrupt):
+                signal.pause()

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 READY_DHT = re.compile(r"blockswarm dht ready: maddrs=(\S+)")
+READY_MONITOR = re.compile(r"blockswarm monitor ready: url=(\S+)")
 READY_PEER = re.compile(r"blockswarm peer ready: model=(\S+) blocks=(\d+):(\d+) peer_id=(\S+) maddrs=(.*)")
 
 
@@ -81,6 +82,12 @@ class LocalSwarm:
         if wait:
             self.wait_peer(process)
         return process
+
+    def start_monitor(self, port: int = 0, period: float = 5.0) -> str:
+        """Start `blockswarm monitor` on this host; returns the URL of its page."""
+        command = ["monitor", "--initial-peers", *self.initial_peers, "--host", self.host, "--port", str(port)]
+        process = self._spawn("monitor", [*command, "--period", str(period)])
+        return self._wait_ready(process, READY_MONITOR).group(1)
 
     def wait_peer(self, process: LocalProcess) -> LocalProcess:
         match = self._wait_ready(process, READY_PEER)
