@@ -1,17 +1,23 @@
 """Self-describing tensor payloads: every tensor on the wire carries its codec, dtype and shape.
 
 Layout (little-endian): magic b"BT", codec id (u8), original dtype id (u8), ndim (u8), ndim x u32 dims,
-then the codec's payload. A decoder checks that the payload is exactly as long as the header says, so a
-truncated or lying payload is rejected before it reaches any math.
+then the codec's payload. Each codec owns its payload layout and knows its exact size for (numel, dtype), so a
+decoder checks that the payload is exactly as long as the header implies, and a truncated or lying payload is
+rejected before it reaches any math. Codecs: `none` (lossless), `fp16`/`bf16` (cast), `int8-blockwise` (dynamic
+8-bit blockwise quantization of floating-point tensors, ~1.008 bytes/element; see `int8_blockwise`).
 """
 
 from __future__ import annotations
 
 import math
 import struct
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+from blockswarm.compression import int8_blockwise
 
 MAGIC = b"BT"
 MAX_NDIM = 8
@@ -32,28 +38,103 @@ class WireFormatError(ValueError):
     """A payload that cannot be decoded: truncated, corrupt, or an unknown codec/dtype."""
 
 
+class Codec(ABC):
+    """A way to turn a tensor's values into a payload and back; each codec owns its payload layout and size."""
+
+    name: str
+    id: int  # travels in the header; never reuse one
+
+    @property
+    @abstractmethod
+    def lossless(self) -> bool:
+        """True when decoding gives back exactly the values that were encoded."""
+
+    @abstractmethod
+    def accepts(self, dtype: torch.dtype) -> bool:
+        """Whether tensors of `dtype` (one of DTYPES) can travel with this codec."""
+
+    @abstractmethod
+    def payload_size(self, numel: int, dtype: torch.dtype) -> int:
+        """Exact payload length in bytes for `numel` elements of `dtype`."""
+
+    @abstractmethod
+    def encode(self, tensor: torch.Tensor) -> list[np.ndarray]:
+        """The payload of `tensor` (any device and shape): uint8 CPU arrays that join to `payload_size` bytes."""
+
+    @abstractmethod
+    def decode(self, payload: memoryview, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A flat CPU tensor of `dtype` from a payload already checked to be `payload_size` bytes, numel > 0."""
+
+
 @dataclass(frozen=True)
-class Codec:
-    """A lossless or lossy way to turn a tensor into bytes; `wire_dtype` is what travels."""
+class CastCodec(Codec):
+    """Raw values, floating-point ones cast to `wire_dtype` (None: the tensor's own dtype travels unchanged)."""
 
     name: str
     id: int
-    wire_dtype: torch.dtype | None  # None: the tensor's own dtype travels unchanged
+    wire_dtype: torch.dtype | None
 
     @property
     def lossless(self) -> bool:
         return self.wire_dtype is None
 
+    def accepts(self, dtype: torch.dtype) -> bool:
+        return True
+
     def payload_dtype(self, original: torch.dtype) -> torch.dtype:
         return self.wire_dtype if self.wire_dtype is not None and original.is_floating_point else original
+
+    def payload_size(self, numel: int, dtype: torch.dtype) -> int:
+        return numel * self.payload_dtype(dtype).itemsize
+
+    def encode(self, tensor: torch.Tensor) -> list[np.ndarray]:
+        payload = tensor.detach().to(device="cpu", dtype=self.payload_dtype(tensor.dtype))
+        return [payload.contiguous().reshape(-1).view(torch.uint8).numpy()]
+
+    def decode(self, payload: memoryview, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        return torch.frombuffer(bytearray(payload), dtype=self.payload_dtype(dtype)).to(dtype)
+
+
+@dataclass(frozen=True)
+class Int8BlockwiseCodec(Codec):
+    """Dynamic 8-bit blockwise quantization of floating-point tensors; see `int8_blockwise` for the format."""
+
+    name: str
+    id: int
+
+    @property
+    def lossless(self) -> bool:
+        return False
+
+    def accepts(self, dtype: torch.dtype) -> bool:
+        return dtype.is_floating_point
+
+    def payload_size(self, numel: int, dtype: torch.dtype) -> int:
+        return int8_blockwise.payload_size(numel)
+
+    def encode(self, tensor: torch.Tensor) -> list[np.ndarray]:
+        steps, codes = int8_blockwise.quantize(tensor)
+        return [steps.view(torch.uint8).numpy(), *(piece.numpy() for piece in codes)]
+
+    def decode(self, payload: memoryview, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        split = 2 * int8_blockwise.num_blocks(numel)
+        steps = torch.frombuffer(bytearray(payload[:split]), dtype=torch.bfloat16).float()
+        invalid = ~(torch.isfinite(steps) & (steps >= 0))
+        if invalid.any():
+            block = int(invalid.nonzero()[0])
+            raise WireFormatError(
+                f"{self.name} payload has scale {float(steps[block])} for block {block}; scales must be finite and >= 0"
+            )
+        return int8_blockwise.dequantize(steps, np.frombuffer(payload, dtype=np.int8, offset=split), dtype)
 
 
 CODECS: dict[str, Codec] = {
     codec.name: codec
     for codec in (
-        Codec("none", 0, None),
-        Codec("fp16", 1, torch.float16),
-        Codec("bf16", 2, torch.bfloat16),
+        CastCodec("none", 0, None),
+        CastCodec("fp16", 1, torch.float16),
+        CastCodec("bf16", 2, torch.bfloat16),
+        Int8BlockwiseCodec("int8-blockwise", 3),
     )
 }
 _CODECS_BY_ID = {codec.id: codec for codec in CODECS.values()}
@@ -71,12 +152,13 @@ def encode_tensor(tensor: torch.Tensor, codec: str = "none") -> bytes:
     spec = get_codec(codec)
     if tensor.dtype not in _DTYPE_IDS:
         raise ValueError(f"cannot send a tensor of dtype {tensor.dtype}; supported: {list(_DTYPE_IDS)}")
+    if not spec.accepts(tensor.dtype):
+        raise ValueError(f"codec {spec.name!r} cannot encode {tensor.dtype} tensors; use 'none'")
     if tensor.dim() > MAX_NDIM:
         raise ValueError(f"cannot send a tensor with {tensor.dim()} dims (at most {MAX_NDIM})")
-    payload = tensor.detach().to(device="cpu", dtype=spec.payload_dtype(tensor.dtype)).contiguous()
     header = _HEADER.pack(MAGIC, spec.id, _DTYPE_IDS[tensor.dtype], tensor.dim())
     dims = struct.pack(f"<{tensor.dim()}I", *tensor.shape)
-    return header + dims + _raw_bytes(payload)
+    return b"".join((header, dims, *spec.encode(tensor)))
 
 
 def decode_tensor(data: bytes | bytearray | memoryview) -> torch.Tensor:
@@ -98,9 +180,11 @@ def decode_tensor(data: bytes | bytearray | memoryview) -> torch.Tensor:
         raise WireFormatError("tensor payload is truncated inside its shape")
     shape = struct.unpack_from(f"<{ndim}I", data, _HEADER.size)
     dtype = DTYPES[dtype_id]
-    payload_dtype = _CODECS_BY_ID[codec_id].payload_dtype(dtype)
+    spec = _CODECS_BY_ID[codec_id]
+    if not spec.accepts(dtype):
+        raise WireFormatError(f"codec {spec.name!r} cannot carry {dtype} tensors")
     numel = math.prod(shape)
-    expected = numel * payload_dtype.itemsize
+    expected = spec.payload_size(numel, dtype)
     if len(data) - offset != expected:
         raise WireFormatError(
             f"tensor header claims shape {list(shape)} ({expected} payload bytes) "
@@ -108,11 +192,4 @@ def decode_tensor(data: bytes | bytearray | memoryview) -> torch.Tensor:
         )
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
-    payload = torch.frombuffer(bytearray(data[offset:]), dtype=payload_dtype)
-    return payload.reshape(shape).to(dtype)
-
-
-def _raw_bytes(tensor: torch.Tensor) -> bytes:
-    if tensor.numel() == 0:
-        return b""
-    return tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+    return spec.decode(data[offset:], numel, dtype).reshape(shape)
