@@ -63,7 +63,7 @@ def expected(reference, prompt) -> torch.Tensor:
 
 
 def client(swarm, tiny_model, **kwargs) -> DistributedModelForCausalLM:
-    return DistributedModelForCausalLM.from_pretrained(tiny_model, swarm.initial_peers, **kwargs)
+    return DistributedModelForCausalLM.from_pretrained(tiny_model, swarm.initial_peers, **{"codec": "none", **kwargs})
 
 
 def process_of(swarm, peer_id: PeerID):

@@ -26,7 +26,7 @@ HIDDEN = 256  # tiny preset
 def client(swarm, tiny_model):
     from blockswarm.client import DistributedModelForCausalLM
 
-    with DistributedModelForCausalLM.from_pretrained(tiny_model, swarm.initial_peers) as model:
+    with DistributedModelForCausalLM.from_pretrained(tiny_model, swarm.initial_peers, codec="none") as model:
         yield model.remote
 
 

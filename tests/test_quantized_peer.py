@@ -35,7 +35,7 @@ def test_quantized_peer_serves_close_to_full_precision(swarm, tiny_model, quant)
     try:
         peer_id = PeerID.from_base58(peer.peer_id)
         with DistributedModelForCausalLM.from_pretrained(
-            tiny_model, swarm.initial_peers, allowed_peers=[peer.peer_id]
+            tiny_model, swarm.initial_peers, allowed_peers=[peer.peer_id], codec="none"
         ) as model:
             info = get_block_servers(model.remote.dht, model.remote.model_name, 0, 1, latest=True)[0][peer_id]
             assert info.quant == quant

@@ -72,7 +72,7 @@ class DistributedModelForCausalLM(nn.Module):
         *,
         model_name: str | None = None,
         dtype: torch.dtype = torch.float32,
-        codec: str = "none",
+        codec: str = "int8-blockwise",
         step_timeout: float = 30.0,
         failover_deadline: float = 60.0,
         allowed_peers: list[str] | None = None,
@@ -82,7 +82,9 @@ class DistributedModelForCausalLM(nn.Module):
         """Load the embeddings and head from `name_or_path` and join the swarm through `initial_peers`.
 
         `model_name` is the name the peers announce; by default it is derived from the checkpoint exactly as
-        `blockswarm run-server` derives it. A peer that does not answer a step within `step_timeout` seconds is
+        `blockswarm run-server` derives it. `codec` is how hidden states and gradients travel on every hop whose
+        peer supports it: 8-bit blockwise by default (about 1/4 of fp32 traffic, <1% relative error), "none"
+        for bit-exact results. A peer that does not answer a step within `step_timeout` seconds is
         replaced; when no peer can serve some blocks for `failover_deadline` seconds, the call fails naming them.
         `allowed_peers` pins routes to those peer ids, `blocked_peers` excludes some; `show_route=True` prints
         every route an inference session takes (at open and after each failover) to stderr.

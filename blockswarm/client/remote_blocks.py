@@ -27,7 +27,7 @@ class RemoteBlocks:
         model_name: str,
         config: ModelConfig,
         initial_peers: list[str],
-        codec: str = "none",
+        codec: str = "int8-blockwise",
         step_timeout: float = 30.0,
         retry_policy: RetryPolicy | None = None,
         allowed_peers: list[str] | None = None,
