@@ -36,9 +36,6 @@ class BlockBackend:
     def make_cache(self, batch_size: int, max_length: int) -> KVCache:
         return KVCache.allocate(self.config, batch_size, max_length, self.dtype, self.device)
 
-    def cache_bytes_per_token(self) -> int:
-        return 2 * self.config.num_kv_heads * self.config.head_dim * self.dtype.itemsize
-
     def memory_per_block(self) -> int:
         """Bytes resident for one served block (weights and quantization state), averaged over the span."""
         return sum(block_memory_bytes(block) for block in self.blocks) // len(self.blocks)

@@ -86,7 +86,6 @@ class InferenceSession:
         self.position = 0
         self.spans: list[SpanSession] = []
         self.history: dict[int, torch.Tensor] = {}  # first block of a span -> inputs its peer decoded
-        self.failovers = 0
         self.on_route = on_route  # told about every route chosen: at open and on each failover
 
     async def open(self) -> None:
@@ -140,7 +139,6 @@ class InferenceSession:
             f"replacing peer {failed.hop.peer_id} for blocks {start}:{end}",
         )
         self.spans[index : index + 1] = replacement
-        self.failovers += 1
 
     async def _open_spans(self, start: int, end: int, replay: bool = False) -> list[SpanSession]:
         hops = await asyncio.to_thread(self.router.route, start, end, self.batch_size * self.max_length)
