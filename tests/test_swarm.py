@@ -129,6 +129,8 @@ def test_int8_wire_on_every_hop_stays_close_to_lossless(model, compressed_model,
 def test_peer_spans_are_announced(swarm, model):
     blocks = get_block_servers(model.remote.dht, model.remote.model_name, 0, 8, latest=True)
     for process in swarm.processes[1:]:
+        if process.popen.poll() is not None:
+            continue  # extra peers other tests started and stopped
         start, end = process.span
         for index, servers in enumerate(blocks):
             announced = {str(peer): info for peer, info in servers.items()}
