@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install browser demo test lint format bench soak clean
+.PHONY: install browser demo test lint format bench clean
 
 install: $(STAMP)
 
@@ -38,10 +38,12 @@ format: install
 	$(BIN)/ruff format .
 
 bench: install
-	@for script in bench/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
-
-soak: install
-	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+	$(BIN)/python bench/generate.py --preset tiny
+	$(BIN)/python bench/generate.py --preset medium
+	$(BIN)/python bench/recovery.py
+	$(BIN)/python bench/compression.py
+	$(BIN)/python bench/weights.py
+	$(BIN)/python bench/balance.py
 
 clean:
 	rm -rf $(VENV) .demo .bench .pytest_cache .ruff_cache
