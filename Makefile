@@ -39,6 +39,7 @@ format: install
 
 bench: install
 	$(BIN)/python bench/generate.py --preset tiny
+	$(BIN)/python bench/generate.py --preset tiny --codec none
 	$(BIN)/python bench/generate.py --preset medium
 	$(BIN)/python bench/recovery.py
 	$(BIN)/python bench/compression.py

@@ -110,6 +110,7 @@ def main() -> None:
     parser.add_argument("--peers", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=9, help="alternating local/swarm rounds")
+    parser.add_argument("--codec", default="int8-blockwise", help="wire codec of the swarm (the client's default)")
     parser.add_argument("--local-rounds", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.local_rounds is not None:
@@ -126,7 +127,7 @@ def main() -> None:
         launched = [swarm.start_peer("--blocks", span, wait=False) for span in spans(config.num_blocks, args.peers)]
         for process in launched:
             swarm.wait_peer(process)
-        with DistributedModelForCausalLM.from_pretrained(model_dir, swarm.initial_peers) as model:
+        with DistributedModelForCausalLM.from_pretrained(model_dir, swarm.initial_peers, codec=args.codec) as model:
             hops = len(model.remote.router.route(0, config.num_blocks))
             local_medians, local_rates, swarm_medians, swarm_rates = [], [], [], []
             with model.inference_session(max_length=max_length) as warmup:
@@ -147,6 +148,7 @@ def main() -> None:
     result = {
         "preset": args.preset,
         "peers": args.peers,
+        "codec": args.codec,
         "hops": hops,
         "swarm_steps_per_s": round(statistics.median(swarm_rates), 2),
         "local_steps_per_s": round(statistics.median(local_rates), 2),
