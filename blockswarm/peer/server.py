@@ -114,7 +114,8 @@ class Server:
     def __init__(self, options: ServerOptions):
         self.options = options
         self.config = load_config(options.model)
-        self.model_name = options.model_name or swarm_model_name(options.model, weights_fingerprint(options.model))
+        self.weights_hash = weights_fingerprint(options.model)
+        self.model_name = options.model_name or swarm_model_name(options.model, self.weights_hash)
         self.device = resolve_device(options.device)
         self.dtype = resolve_dtype(options.dtype, self.device)
         if options.quant not in QUANT_TYPES:
@@ -204,7 +205,7 @@ class Server:
             num_blocks=self.config.num_blocks,
             family=self.config.family,
             config_hash=self.config.fingerprint(),
-            weights_hash=weights_fingerprint(self.options.model),
+            weights_hash=self.weights_hash,
         )
         announce_model(dht, self.model_name, model_info, expiration)
 
