@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from blockswarm.client import DistributedModelForCausalLM
 from blockswarm.dht import ServerState, get_block_servers
+from blockswarm.models import init_random_model
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +125,12 @@ def test_int8_wire_on_every_hop_stays_close_to_lossless(model, compressed_model,
             f"(teacher-forced), greedy generation identical for {same_prefix}/32 tokens"
         )
     assert agreement >= 0.9
+
+
+def test_client_with_another_architecture_under_the_same_name_is_refused(swarm, model, tmp_path):
+    other = init_random_model(tmp_path / "small", preset="small")
+    with pytest.raises(ValueError, match="another architecture"):
+        DistributedModelForCausalLM.from_pretrained(other, swarm.initial_peers, model_name=model.remote.model_name)
 
 
 def test_peer_spans_are_announced(swarm, model):

@@ -10,6 +10,7 @@ from torch import nn
 from blockswarm.client.generation import generate_tokens
 from blockswarm.client.remote_blocks import RemoteBlocks
 from blockswarm.client.sampling import SamplingParams
+from blockswarm.dht import get_models
 from blockswarm.models import ModelConfig, load_config, load_ends, weights_fingerprint
 from blockswarm.models.naming import swarm_model_name
 from blockswarm.pipeline.inference import InferenceSession
@@ -103,6 +104,15 @@ class DistributedModelForCausalLM(nn.Module):
             blocked_peers=list(blocked_peers),
             show_route=show_route,
         )
+        announced = get_models(remote.dht, latest=True).get(model_name)
+        if announced is not None and announced.config_hash != config.fingerprint():
+            remote.shutdown()
+            raise ValueError(
+                f"the swarm's peers serve {model_name!r} with another architecture ({announced.family}, "
+                f"{announced.num_blocks} blocks, config {announced.config_hash}) than {name_or_path} "
+                f"({config.family}, {config.num_blocks} blocks, config {config.fingerprint()}): "
+                "load the checkpoint the peers serve, or pass the right model_name"
+            )
         return cls(config, ends, remote)
 
     def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
