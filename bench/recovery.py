@@ -18,37 +18,15 @@ import random  # noqa: E402
 import signal  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
 from blockswarm.client import DistributedModelForCausalLM  # noqa: E402
-from blockswarm.local_swarm import LocalSwarm  # noqa: E402
+from blockswarm.local_swarm import LocalSwarm, generate_with_interruptions  # noqa: E402
 from blockswarm.models import init_random_model  # noqa: E402
 
 SPANS = ("0:4", "0:4", "4:8", "4:8")
-
-
-def generate_timed(model, prompt: torch.Tensor, new_tokens: int, kill_at: int | None, kill) -> tuple:
-    """Greedy generation; before remote step `kill_at`, `kill(session)` runs. Returns tokens and step times."""
-    original = model.remote.step
-    durations: list[float] = []
-
-    def step(session, hidden):
-        if len(durations) == kill_at:
-            kill(session)
-        began = time.perf_counter()
-        try:
-            return original(session, hidden)
-        finally:
-            durations.append(time.perf_counter() - began)
-
-    model.remote.step = step
-    try:
-        return model.generate(prompt, max_new_tokens=new_tokens), durations
-    finally:
-        del model.remote.step
 
 
 def main() -> None:
@@ -68,7 +46,7 @@ def main() -> None:
         for process in [swarm.start_peer("--blocks", span, wait=False) for span in SPANS]:
             swarm.wait_peer(process)
         with DistributedModelForCausalLM.from_pretrained(model_dir, swarm.initial_peers, step_timeout=10) as model:
-            expected, _ = generate_timed(model, prompt, args.new_tokens, None, None)
+            expected, _ = generate_with_interruptions(model, prompt, args.new_tokens, {})
             for _ in range(args.kills):
                 victim = {}
 
@@ -78,7 +56,7 @@ def main() -> None:
                     victim["process"].signal(signal.SIGKILL)
 
                 kill_at = rng.randint(1, args.new_tokens - 2)
-                output, durations = generate_timed(model, prompt, args.new_tokens, kill_at, kill)
+                output, durations = generate_with_interruptions(model, prompt, args.new_tokens, {kill_at: kill})
                 matches.append(torch.equal(output, expected))
                 normal = statistics.median(durations[1:kill_at] + durations[kill_at + 1 :])
                 stalls.append(durations[kill_at] - normal)

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,3 +131,27 @@ class LocalSwarm:
                 )
             time.sleep(0.1)
         raise TimeoutError(f"{process.name} not ready after {self.ready_timeout:.0f} s:\n{process.log()[-3000:]}")
+
+
+def generate_with_interruptions(
+    model, input_ids, max_new_tokens: int, interruptions: dict[int, Callable[[object], None]]
+) -> tuple[object, list[float]]:
+    """Greedy `model.generate` where `interruptions[k](session)` runs right before remote step k (0 = prefill),
+    e.g. to kill the peer serving a span; returns the tokens and the duration of every remote step."""
+    original = model.remote.step
+    durations: list[float] = []
+
+    def step(session, hidden):
+        if len(durations) in interruptions:
+            interruptions[len(durations)](session)
+        began = time.perf_counter()
+        try:
+            return original(session, hidden)
+        finally:
+            durations.append(time.perf_counter() - began)
+
+    model.remote.step = step
+    try:
+        return model.generate(input_ids, max_new_tokens=max_new_tokens), durations
+    finally:
+        del model.remote.step

@@ -13,7 +13,7 @@ from hivemind.proto import runtime_pb2
 from transformers import AutoModelForCausalLM
 
 from blockswarm.client import DistributedModelForCausalLM
-from blockswarm.local_swarm import LocalSwarm
+from blockswarm.local_swarm import LocalSwarm, generate_with_interruptions
 from blockswarm.pipeline.hops import NoRouteError
 from blockswarm.wire.framing import unpack_header
 from blockswarm.wire.messages import INFO_RPC, PeerStatus
@@ -70,25 +70,8 @@ def process_of(swarm, peer_id: PeerID):
     return next(p for p in swarm.processes if p.peer_id == str(peer_id))
 
 
-def generate_with_failures(model, prompt, failures: dict[int, callable]) -> tuple[torch.Tensor, list[float]]:
-    """Generate NEW_TOKENS tokens; before remote step k, run failures[k](session). Returns tokens and step times."""
-    original = model.remote.step
-    durations: list[float] = []
-
-    def step(session, hidden):
-        if len(durations) in failures:
-            failures[len(durations)](session)
-        began = time.monotonic()
-        try:
-            return original(session, hidden)
-        finally:
-            durations.append(time.monotonic() - began)
-
-    model.remote.step = step
-    try:
-        return model.generate(prompt, max_new_tokens=NEW_TOKENS), durations
-    finally:
-        del model.remote.step
+def generate_with_failures(model, prompt, failures: dict) -> tuple[torch.Tensor, list[float]]:
+    return generate_with_interruptions(model, prompt, NEW_TOKENS, failures)
 
 
 def send_signal_to_span(swarm, span_index: int, sig: int):
