@@ -9,14 +9,12 @@ import time
 import pytest
 import torch
 from hivemind.p2p import PeerID
-from hivemind.proto import runtime_pb2
 from transformers import AutoModelForCausalLM
 
 from blockswarm.client import DistributedModelForCausalLM
 from blockswarm.local_swarm import LocalSwarm, generate_with_interruptions
 from blockswarm.pipeline.hops import NoRouteError
-from blockswarm.wire.framing import unpack_header
-from blockswarm.wire.messages import INFO_RPC, PeerStatus
+from blockswarm.wire.ping import request_status
 
 REDUNDANT_SPANS = ("0:4", "0:4", "4:8", "4:8")  # every block held by two peers
 NEW_TOKENS = 64
@@ -163,13 +161,7 @@ def test_no_peer_left_for_some_blocks_is_a_clear_error(tiny_model, tmp_path):
 
 
 def cache_tokens_left(model, peer_id: PeerID) -> int:
-    async def info():
-        reply = await model.remote.p2p.call_protobuf_handler(
-            peer_id, INFO_RPC, runtime_pb2.ExpertRequest(), runtime_pb2.ExpertResponse
-        )
-        return unpack_header(reply, PeerStatus, 0)[0]
-
-    return model.remote.loop.run(info()).cache_tokens_left
+    return model.remote.loop.run(request_status(model.remote.p2p, peer_id)).cache_tokens_left
 
 
 def test_abandoned_sessions_give_their_cache_back(swarm, tiny_model, prompt):

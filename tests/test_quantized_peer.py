@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from hivemind.p2p import PeerID
-from hivemind.proto import runtime_pb2
 
 from blockswarm.client import DistributedModelForCausalLM
 from blockswarm.dht import get_block_servers
 from blockswarm.models import load_blocks
-from blockswarm.wire.framing import unpack_header
-from blockswarm.wire.messages import INFO_RPC, PeerStatus
+from blockswarm.wire.messages import PeerStatus
+from blockswarm.wire.ping import request_status
 
 # relative L2 error of the final hidden states vs fp32 (measured on the tiny random model: ~0.07 int8, ~0.5 nf4;
 # random weights amplify weight noise, see blockswarm/compression/weights.py)
@@ -19,13 +18,7 @@ TOLERANCE = {"int8": 0.15, "nf4": 0.8}
 
 
 def status(model, peer_id: PeerID) -> PeerStatus:
-    async def call():
-        reply = await model.remote.p2p.call_protobuf_handler(
-            peer_id, INFO_RPC, runtime_pb2.ExpertRequest(), runtime_pb2.ExpertResponse
-        )
-        return unpack_header(reply, PeerStatus, 0)[0]
-
-    return model.remote.loop.run(call())
+    return model.remote.loop.run(request_status(model.remote.p2p, peer_id))
 
 
 @pytest.mark.parametrize("quant", ["int8", "nf4"])

@@ -14,11 +14,9 @@ import time
 
 from hivemind.dht import DHT
 from hivemind.p2p import P2P, PeerID
-from hivemind.proto import runtime_pb2
 
 from blockswarm.dht import ServerInfo, ServerState, get_block_servers, get_models
-from blockswarm.wire.framing import unpack_header
-from blockswarm.wire.messages import INFO_RPC, PeerStatus
+from blockswarm.wire.ping import request_status
 
 from .state import History, Reachability, Snapshot, model_state
 
@@ -130,13 +128,7 @@ class Crawler:
         """Call the peer's `info` RPC; any failure or a malformed reply means unreachable."""
         began = time.perf_counter()
         try:
-            reply = await asyncio.wait_for(
-                self._p2p.call_protobuf_handler(
-                    peer_id, INFO_RPC, runtime_pb2.ExpertRequest(), runtime_pb2.ExpertResponse
-                ),
-                self.info_timeout,
-            )
-            unpack_header(reply, PeerStatus, 0)
+            await request_status(self._p2p, peer_id, self.info_timeout)
             result = Reachability(reachable=True, checked_at=time.time(), rtt_ms=(time.perf_counter() - began) * 1000)
         except TimeoutError:
             result = Reachability(

@@ -31,14 +31,12 @@ class BlockBackend:
         self.end = start + len(blocks)
         self.dtype = dtype
         self.device = device
+        # bytes resident per served block (weights and quantization state), averaged over the span; fixed once loaded
+        self.memory_per_block = sum(block_memory_bytes(block) for block in blocks) // len(blocks)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blockswarm-compute")
 
     def make_cache(self, batch_size: int, max_length: int) -> KVCache:
         return KVCache.allocate(self.config, batch_size, max_length, self.dtype, self.device)
-
-    def memory_per_block(self) -> int:
-        """Bytes resident for one served block (weights and quantization state), averaged over the span."""
-        return sum(block_memory_bytes(block) for block in self.blocks) // len(self.blocks)
 
     async def run(self, fn, *args, inline: bool = False):
         """Run `fn(*args)` on the compute thread, or right here when `inline` (tiny steps, where the hand-off

@@ -93,7 +93,7 @@ class RequestHandlers:
             start=self.backend.start,
             end=self.backend.end,
             cache_tokens_left=self.cache.tokens_left,
-            memory_per_block=self.backend.memory_per_block(),
+            memory_per_block=self.backend.memory_per_block,
             max_batch_tokens=self.limits.max_batch_tokens,
             max_session_length=self.limits.max_session_length,
             session_timeout=self.limits.session_timeout,

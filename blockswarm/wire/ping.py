@@ -1,4 +1,4 @@
-"""Round-trip times to peers: measured with the cheap `info` call, smoothed, and forgotten when stale."""
+"""The `info` call: a peer's status, and round-trip times measured with it (smoothed, forgotten when stale)."""
 
 from __future__ import annotations
 
@@ -9,17 +9,24 @@ from dataclasses import dataclass, field
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
-from blockswarm.wire.messages import INFO_RPC
+from blockswarm.wire.framing import unpack_header
+from blockswarm.wire.messages import INFO_RPC, PeerStatus
+
+
+async def request_status(p2p: P2P, peer_id: PeerID, timeout: float = 5.0) -> PeerStatus:
+    """The peer's `info` reply; raises TimeoutError, a transport error, or FramingError for a malformed reply."""
+    reply = await asyncio.wait_for(
+        p2p.call_protobuf_handler(peer_id, INFO_RPC, runtime_pb2.ExpertRequest(), runtime_pb2.ExpertResponse),
+        timeout,
+    )
+    return unpack_header(reply, PeerStatus, 0)[0]
 
 
 async def measure_rtt(p2p: P2P, peer_id: PeerID, timeout: float = 5.0) -> float | None:
     """Seconds for one `info` round trip, or None when the peer does not answer in time."""
     began = time.perf_counter()
     try:
-        await asyncio.wait_for(
-            p2p.call_protobuf_handler(peer_id, INFO_RPC, runtime_pb2.ExpertRequest(), runtime_pb2.ExpertResponse),
-            timeout,
-        )
+        await request_status(p2p, peer_id, timeout)
     except Exception:  # any failure means "unreachable now"; the caller treats it as no measurement
         return None
     return time.perf_counter() - began
