@@ -11,8 +11,10 @@ from blockswarm.models import load_blocks
 from blockswarm.pipeline.hops import PeerError
 from blockswarm.pipeline.streams import PeerStream, call
 from blockswarm.wire.messages import (
+    BACKWARD_RPC,
     FORWARD_RPC,
     INFERENCE_RPC,
+    AdapterSpec,
     ChainRequest,
     InferenceStep,
     OpenSession,
@@ -55,7 +57,9 @@ def inference(client, peer_id, opening: OpenSession, steps: list[tuple[Inference
 
 
 def forward(client, peer_id, request: ChainRequest, hidden: torch.Tensor) -> torch.Tensor:
-    return client.loop.run(call(client.p2p, peer_id, FORWARD_RPC, request, [hidden], "none", timeout=10))[0]
+    return client.loop.run(
+        call(client.p2p, peer_id, FORWARD_RPC, request, [encode_tensor(hidden, "none")], timeout=10)
+    )[0]
 
 
 def opening(**overrides) -> OpenSession:
@@ -146,9 +150,45 @@ def test_bad_forward_requests_get_error_replies(client, first_peer):
         forward(client, first_peer, ChainRequest(start=0, end=3), torch.randn(2, HIDDEN))
 
 
+def adapter_forward(client, peer_id, spec: AdapterSpec, adapter: list[torch.Tensor], train: bool = False):
+    request = ChainRequest(start=0, end=3, adapter=spec, train=train)
+    payloads = [encode_tensor(t, "none") for t in [torch.randn(1, 2, HIDDEN), *adapter]]
+    rpc = BACKWARD_RPC if train else FORWARD_RPC
+    if train:
+        payloads.insert(1, encode_tensor(torch.randn(1, 2, HIDDEN), "none"))
+    return client.loop.run(call(client.p2p, peer_id, rpc, request, payloads, timeout=10))
+
+
+LORA = AdapterSpec(lora_rank=2, lora_targets=("q_proj",))
+BAD_ADAPTERS = {
+    "missing tensors": (
+        LORA,
+        [torch.zeros(2, HIDDEN)] * 5,
+        r"expected 7 tensors \(1 of activations, 6 of the adapter\), got 6",
+    ),
+    "wrong LoRA shape": (LORA, [torch.zeros(2, HIDDEN), torch.zeros(HIDDEN, 3)] * 3, r"LoRA B of q_proj .* \[256, 2\]"),
+    "unknown target": (AdapterSpec(lora_rank=2, lora_targets=("qkv",)), [torch.zeros(2, HIDDEN)] * 6, "unknown LoRA"),
+    "wrong prompt shape": (AdapterSpec(prompt_len=3), [torch.zeros(3, 1, 2, HIDDEN)], r"deep prompts must have shape"),
+    "non-finite prompt": (AdapterSpec(prompt_len=2), [torch.full((3, 1, 2, HIDDEN), float("nan"))], "finite"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ADAPTERS))
+def test_bad_adapter_gets_error_reply(client, first_peer, case):
+    spec, tensors, message = BAD_ADAPTERS[case]
+    with pytest.raises(PeerError, match=message):
+        adapter_forward(client, first_peer, spec, tensors)
+
+
+def test_training_request_to_frozen_peer_is_refused(client, first_peer):
+    with pytest.raises(PeerError, match="frozen: only peers started with --train"):
+        adapter_forward(client, first_peer, AdapterSpec(prompt_len=2), [torch.zeros(3, 1, 2, HIDDEN)], train=True)
+
+
 def test_peer_serves_correctly_after_bad_requests(client, first_peer, tiny_model):
     for case in ("wrong hidden size", "unknown session", "truncated payload"):
         test_bad_inference_request_gets_error_reply(client, first_peer, case)
+    test_bad_adapter_gets_error_reply(client, first_peer, "wrong LoRA shape")
     blocks = load_blocks(tiny_model, 0, 3, progress=False)
     hidden = torch.randn(1, 5, HIDDEN)
     expected = hidden

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
 from blockswarm.client.sampling import SamplingParams, next_tokens
-from blockswarm.models import ModelEnds
+
+
+class Ends(Protocol):
+    """The local parts around the blocks: a model's ModelEnds, or a client model with its adapters."""
+
+    def embed(self, input_ids: torch.LongTensor) -> torch.Tensor: ...
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
 
 
 def generate_tokens(
-    ends: ModelEnds,
+    ends: Ends,
     run_blocks: Callable[[torch.Tensor], torch.Tensor],
     seen_ids: torch.Tensor,
     pending_ids: torch.Tensor,

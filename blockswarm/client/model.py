@@ -10,6 +10,7 @@ from torch import nn
 from blockswarm.client.generation import generate_tokens
 from blockswarm.client.remote_blocks import RemoteBlocks
 from blockswarm.client.sampling import SamplingParams
+from blockswarm.client.tuning import Adapters, TuningConfig
 from blockswarm.dht import get_models
 from blockswarm.models import ModelConfig, load_config, load_ends, weights_fingerprint
 from blockswarm.models.naming import swarm_model_name
@@ -37,9 +38,16 @@ class GenerationSession:
         return self.token_ids.shape[1] - self.pending_ids.shape[1]
 
     def step(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self._remote is None:
-            self._remote = self.model.remote.open_session(self.max_length, self.batch_size)
-        return self.model.remote.step(self._remote, hidden)
+        adapters = self.model.adapters
+        if self._remote is not None:
+            return self.model.remote.step(self._remote, hidden)
+        # the first step opens the session, with the soft prompt's positions before the first token
+        prompt_len = 0 if adapters is None else adapters.tuning.prompt_len
+        adapter = None if adapters is None or adapters.spec is None else adapters.wire(adapters.remote_tensors())
+        self._remote = self.model.remote.open_session(self.max_length + prompt_len, self.batch_size, adapter)
+        if adapters is not None:
+            hidden = adapters.prepend_prompt(hidden)
+        return self.model.remote.step(self._remote, hidden)[:, prompt_len:]
 
     def close(self) -> None:
         if self._remote is not None:
@@ -58,11 +66,12 @@ class GenerationSession:
 
 
 class DistributedModelForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig, ends: nn.Module, remote: RemoteBlocks):
+    def __init__(self, config: ModelConfig, ends: nn.Module, remote: RemoteBlocks, adapters: Adapters | None = None):
         super().__init__()
         self.config = config
         self.ends = ends
         self.remote = remote
+        self.adapters = adapters  # the client's trainable parameters; the only ones: ends and peers stay frozen
         self.active_session: GenerationSession | None = None
 
     @classmethod
@@ -79,6 +88,7 @@ class DistributedModelForCausalLM(nn.Module):
         allowed_peers: list[str] | None = None,
         blocked_peers: list[str] = (),
         show_route: bool = False,
+        tuning: TuningConfig | None = None,
     ) -> DistributedModelForCausalLM:
         """Load the embeddings and head from `name_or_path` and join the swarm through `initial_peers`.
 
@@ -89,6 +99,8 @@ class DistributedModelForCausalLM(nn.Module):
         replaced; when no peer can serve some blocks for `failover_deadline` seconds, the call fails naming them.
         `allowed_peers` pins routes to those peer ids, `blocked_peers` excludes some; `show_route=True` prints
         every route an inference session takes (at open and after each failover) to stderr.
+        `tuning` adds new trainable soft/deep prompts and LoRA adapters (`model.adapters`); `load_adapters` loads
+        saved ones.
         """
         config = load_config(name_or_path)
         model_name = model_name or swarm_model_name(name_or_path, weights_fingerprint(name_or_path))
@@ -113,11 +125,33 @@ class DistributedModelForCausalLM(nn.Module):
                 f"({config.family}, {config.num_blocks} blocks, config {config.fingerprint()}): "
                 "load the checkpoint the peers serve, or pass the right model_name"
             )
-        return cls(config, ends, remote)
+        return cls(config, ends, remote, None if tuning is None else Adapters(tuning, config))
 
     def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        """Logits [batch, seq_len, vocab]; `.backward()` flows through the remote blocks."""
-        return self.ends.logits(self.remote.forward(self.ends.embed(input_ids)))
+        """Logits [batch, seq_len, vocab]; `.backward()` flows through the remote blocks into the adapters."""
+        adapters = self.adapters
+        if adapters is None:
+            return self.logits(self.remote.forward(self.embed(input_ids)))
+        hidden = adapters.prepend_prompt(self.embed(input_ids))
+        hidden = self.remote.forward(hidden, adapters.spec, adapters.remote_tensors() if adapters.spec else [])
+        return self.logits(hidden[:, adapters.tuning.prompt_len :])
+
+    def embed(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        return self.ends.embed(input_ids)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from the last block's outputs, through the LM head (and its LoRA, if tuned)."""
+        return self.ends.logits(hidden) if self.adapters is None else self.adapters.logits(self.ends, hidden)
+
+    def save_adapters(self, path: str | Path) -> Path:
+        if self.adapters is None:
+            raise ValueError("this model has no adapters: pass tuning=TuningConfig(...) to from_pretrained")
+        return self.adapters.save(path)
+
+    def load_adapters(self, path: str | Path) -> Adapters:
+        """Use adapters saved by `save_adapters` (for generation, or to go on training them)."""
+        self.adapters = Adapters.load(path, self.config)
+        return self.adapters
 
     def inference_session(self, max_length: int, batch_size: int = 1) -> GenerationSession:
         return GenerationSession(self, max_length, batch_size)
@@ -176,7 +210,7 @@ class DistributedModelForCausalLM(nn.Module):
                 f"this one has {session.max_length}"
             )
         token_ids = generate_tokens(
-            self.ends,
+            self,
             session.step,
             session.token_ids,
             session.pending_ids,

@@ -19,6 +19,8 @@ from blockswarm.pipeline.retry import RetryPolicy
 from blockswarm.routing.route import describe_route
 from blockswarm.routing.router import SwarmRouter
 from blockswarm.routing.swarm_view import SwarmView
+from blockswarm.wire.adapters import AdapterTensors
+from blockswarm.wire.messages import AdapterSpec
 
 
 class RemoteBlocks:
@@ -64,11 +66,14 @@ class RemoteBlocks:
             await self.router.ping_peers(self.p2p)
             await asyncio.sleep(self.view.refresh_period)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Hidden states through every block; differentiable w.r.t. `hidden`."""
-        return _RemoteBlocksFunction.apply(hidden, self)
+    def forward(
+        self, hidden: torch.Tensor, adapter_spec: AdapterSpec | None = None, adapter_tensors: list[torch.Tensor] = ()
+    ) -> torch.Tensor:
+        """Hidden states through every block; differentiable w.r.t. `hidden` and the adapter's tensors (wire order,
+        covering every block)."""
+        return _RemoteBlocksFunction.apply(hidden, self, adapter_spec, *adapter_tensors)
 
-    def open_session(self, max_length: int, batch_size: int) -> InferenceSession:
+    def open_session(self, max_length: int, batch_size: int, adapter: AdapterTensors | None = None) -> InferenceSession:
         session = InferenceSession(
             self.p2p,
             self.router,
@@ -79,6 +84,7 @@ class RemoteBlocks:
             self.step_timeout,
             self.retry_policy,
             on_route=self._print_route if self.show_route else None,
+            adapter=adapter,
         )
         self.loop.run(session.open())
         return session
@@ -102,13 +108,20 @@ class RemoteBlocks:
 
 class _RemoteBlocksFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, remote: RemoteBlocks) -> torch.Tensor:
-        outputs, hop_inputs = remote.loop.run(remote.chain.forward(hidden.detach(), 0, remote.config.num_blocks))
-        ctx.remote = remote
-        ctx.hop_inputs = hop_inputs
+    def forward(
+        ctx, hidden: torch.Tensor, remote: RemoteBlocks, spec: AdapterSpec | None, *adapter_tensors: torch.Tensor
+    ) -> torch.Tensor:
+        adapter = None if spec is None else AdapterTensors.from_flat(spec, remote.config.num_blocks, adapter_tensors)
+        outputs, hop_inputs = remote.loop.run(
+            remote.chain.forward(hidden.detach(), 0, remote.config.num_blocks, adapter)
+        )
+        ctx.remote, ctx.hop_inputs, ctx.adapter = remote, hop_inputs, adapter
         return outputs
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         remote: RemoteBlocks = ctx.remote
-        return remote.loop.run(remote.chain.backward(ctx.hop_inputs, grad_output.contiguous())), None
+        grad_input, adapter_grads = remote.loop.run(
+            remote.chain.backward(ctx.hop_inputs, grad_output.contiguous(), ctx.adapter)
+        )
+        return grad_input, None, None, *([] if adapter_grads is None else adapter_grads.flat())

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blockswarm.models.adapters import BlockAdapter, project
 from blockswarm.models.config import ModelConfig
 
 
@@ -143,11 +144,14 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=o_bias)
         self.rotary = _shared_rotary(config)
 
-    def forward(self, x: torch.Tensor, position: int, cache: KVCache | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, position: int, cache: KVCache | None, adapter: BlockAdapter | None = None
+    ) -> torch.Tensor:
         batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = project(self.q_proj, x, adapter, "q_proj").view(batch, length, self.num_heads, self.head_dim)
+        k = project(self.k_proj, x, adapter, "k_proj").view(batch, length, self.num_kv_heads, self.head_dim)
+        v = project(self.v_proj, x, adapter, "v_proj").view(batch, length, self.num_kv_heads, self.head_dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
         cos, sin = self.rotary(position, length, x.device, x.dtype)
         q = q * cos + rotate_half(q) * sin
@@ -169,7 +173,7 @@ class Attention(nn.Module):
 
         mask, is_causal = self._mask(position, length, first_key, k.shape[2], x.device)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+        return project(self.o_proj, out.transpose(1, 2).reshape(batch, length, -1), adapter, "o_proj")
 
     def _mask(
         self, position: int, length: int, first_key: int, num_keys: int, device: torch.device
@@ -198,8 +202,9 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, adapter: BlockAdapter | None = None) -> torch.Tensor:
+        gated = F.silu(project(self.gate_proj, x, adapter, "gate_proj")) * project(self.up_proj, x, adapter, "up_proj")
+        return project(self.down_proj, gated, adapter, "down_proj")
 
 
 class TransformerBlock(nn.Module):
@@ -212,12 +217,21 @@ class TransformerBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, hidden: torch.Tensor, position: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        position: int = 0,
+        cache: KVCache | None = None,
+        adapter: BlockAdapter | None = None,
+    ) -> torch.Tensor:
         """hidden [B, T, H] holds tokens at absolute positions position..position+T-1 (same for all rows).
 
         With a cache: writes this step's k/v at [position, position+T) of the cache and attends over
         [0, position+T) (causal; sliding window if configured). Without a cache: causal attention over the T
-        tokens only (positions still start at `position` for rotary).
+        tokens only (positions still start at `position` for rotary). An adapter (a client's deep prompt and
+        LoRA) applies to this call only.
         """
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), position, cache)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        if adapter is not None:
+            hidden = adapter.add_prompt(hidden, position)
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), position, cache, adapter)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden), adapter)

@@ -8,12 +8,15 @@ inference_mode: tensors cached by the blocks (rotary tables) must stay usable by
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from blockswarm.compression.weights import block_memory_bytes
 from blockswarm.models import KVCache, ModelConfig, TransformerBlock
+from blockswarm.models.adapters import BlockAdapter
+from blockswarm.peer.adapters import ReceivedAdapter
 
 
 class BlockBackend:
@@ -33,6 +36,9 @@ class BlockBackend:
         self.device = device
         # bytes resident per served block (weights and quantization state), averaged over the span; fixed once loaded
         self.memory_per_block = sum(block_memory_bytes(block) for block in blocks) // len(blocks)
+        # set on a peer started with --train: called with the micro-batch size once a training backward pass has
+        # left the blocks' gradients in .grad; it hands them to the stage's optimizer
+        self.learn: Callable[[int], None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blockswarm-compute")
 
     def make_cache(self, batch_size: int, max_length: int) -> KVCache:
@@ -48,29 +54,75 @@ class BlockBackend:
     def _span(self, start: int, end: int) -> list[TransformerBlock]:
         return self.blocks[start - self.start : end - self.start]
 
-    def inference_step(self, start: int, caches: list[KVCache], hidden: torch.Tensor, position: int) -> torch.Tensor:
+    @property
+    def trainable(self) -> bool:
+        return self.learn is not None
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for block in self.blocks for p in block.parameters()]
+
+    def inference_step(
+        self,
+        start: int,
+        caches: list[KVCache],
+        hidden: torch.Tensor,
+        position: int,
+        adapter: ReceivedAdapter | None = None,
+    ) -> torch.Tensor:
         with torch.no_grad():
             hidden = hidden.to(self.device, self.dtype)
-            for block, cache in zip(self._span(start, start + len(caches)), caches):
-                hidden = block(hidden, position=position, cache=cache)
+            blocks = self._span(start, start + len(caches))
+            for block, cache, block_adapter in zip(blocks, caches, _per_block(adapter, len(blocks))):
+                hidden = block(hidden, position=position, cache=cache, adapter=block_adapter)
             return hidden.cpu()
 
-    def forward(self, start: int, end: int, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, start: int, end: int, hidden: torch.Tensor, adapter: ReceivedAdapter | None = None
+    ) -> torch.Tensor:
         with torch.no_grad():
             hidden = hidden.to(self.device, self.dtype)
-            for block in self._span(start, end):
-                hidden = block(hidden)
+            blocks = self._span(start, end)
+            for block, block_adapter in zip(blocks, _per_block(adapter, len(blocks))):
+                hidden = block(hidden, adapter=block_adapter)
             return hidden.cpu()
 
-    def backward(self, start: int, end: int, hidden: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
-        """Recomputes the forward pass from the inputs the client kept, then returns d(loss)/d(inputs)."""
+    def backward(
+        self,
+        start: int,
+        end: int,
+        hidden: torch.Tensor,
+        grad_output: torch.Tensor,
+        adapter: ReceivedAdapter | None = None,
+        train: bool = False,
+    ) -> list[torch.Tensor]:
+        """Recomputes the forward pass from the inputs the client kept; returns d(loss)/d(inputs), then the
+        gradients w.r.t. the adapter's tensors in wire order. With `train`, the blocks learn from it too."""
+        blocks = self._span(start, end)
+        leaves = adapter.leaves if adapter is not None else []
+        params = [p for block in blocks for p in block.parameters()] if train else []
         with torch.enable_grad():
             inputs = hidden.to(self.device, self.dtype).requires_grad_(True)
             outputs = inputs
-            for block in self._span(start, end):
-                outputs = block(outputs)
-            (grad_input,) = torch.autograd.grad(outputs, inputs, grad_output.to(self.device, self.dtype))
-        return grad_input.cpu()
+            for block, block_adapter in zip(blocks, _per_block(adapter, len(blocks))):
+                outputs = block(outputs, adapter=block_adapter)
+            grads = torch.autograd.grad(
+                outputs,
+                [inputs, *leaves, *params],
+                grad_output.to(self.device, self.dtype),
+                allow_unused=True,
+            )
+        grad_input, adapter_grads, param_grads = grads[0], grads[1 : 1 + len(leaves)], grads[1 + len(leaves) :]
+        if train:
+            for param, grad in zip(params, param_grads):
+                param.grad = grad if param.grad is None or grad is None else param.grad + grad
+            self.learn(hidden.shape[0])
+        return [grad_input.cpu()] + [
+            (torch.zeros_like(leaf) if grad is None else grad).cpu() for leaf, grad in zip(leaves, adapter_grads)
+        ]
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _per_block(adapter: ReceivedAdapter | None, num_blocks: int) -> list[BlockAdapter | None]:
+    return adapter.blocks if adapter is not None else [None] * num_blocks

@@ -17,6 +17,7 @@ from hivemind.proto import runtime_pb2
 from hivemind.proto.p2pd_pb2 import RPCError
 
 from blockswarm.compression.codecs import CODECS, WireFormatError, decode_tensor, encode_tensor
+from blockswarm.peer.adapters import AdapterError, ReceivedAdapter, receive_adapter
 from blockswarm.peer.backend import BlockBackend
 from blockswarm.peer.cache import CacheFullError, CachePool
 from blockswarm.wire.framing import FramingError, pack, receive
@@ -25,6 +26,7 @@ from blockswarm.wire.messages import (
     FORWARD_RPC,
     INFERENCE_RPC,
     INFO_RPC,
+    AdapterSpec,
     ChainRequest,
     InferenceStep,
     OpenSession,
@@ -54,8 +56,10 @@ class ServingLimits:
     step_timeout: float = 300.0  # the most a client may wait between messages of one frame
     alloc_timeout: float = 10.0  # how long a new session waits for cache room
 
+    max_adapter_bytes: int = 2**28  # deep prompts and LoRA weights a client may send with one request
+
     def max_request_bytes(self, hidden_size: int) -> int:
-        return 2 * self.max_batch_tokens * hidden_size * 4 + 2**16
+        return 2 * self.max_batch_tokens * hidden_size * 4 + self.max_adapter_bytes + 2**16
 
 
 class RequestHandlers:
@@ -106,12 +110,15 @@ class RequestHandlers:
             frame = await self._receive(requests, OpenSession, self.limits.step_timeout)
             if frame is None:
                 return
-            session, _ = frame
+            session, adapter_payloads = frame
             self._check_not_leaving()
             self._check_span(session.start, session.end)
             self._check_codec(session.codec)
             if session.batch_size < 1 or session.max_length < 1:
                 raise RequestError("batch_size and max_length must be positive")
+            adapter = self._receive_adapter(
+                session.adapter, adapter_payloads, session.end - session.start, session.batch_size
+            )
             if session.max_length > self.limits.max_session_length:
                 raise RequestError(
                     f"max_length {session.max_length} exceeds this peer's limit of {self.limits.max_session_length}"
@@ -149,6 +156,7 @@ class RequestHandlers:
                             caches,
                             hidden,
                             step.position,
+                            adapter,
                             inline=hidden.shape[0] * seq_len <= INLINE_STEP_TOKENS,
                         )
                     length = step.position + seq_len
@@ -158,7 +166,7 @@ class RequestHandlers:
                         runtime_pb2.ExpertResponse,
                     ):
                         yield message
-        except (RequestError, FramingError, WireFormatError, CacheFullError, PeerLeaving) as e:
+        except (RequestError, FramingError, WireFormatError, AdapterError, CacheFullError, PeerLeaving) as e:
             yield RPCError(message=str(e))
             await self._drain(requests)
         except TimeoutError:
@@ -166,34 +174,42 @@ class RequestHandlers:
 
     async def rpc_forward(self, requests: AsyncIterator, context: P2PContext) -> AsyncIterator:
         try:
-            request, payloads = await self._receive_chain_request(requests, num_tensors=1)
-            hidden = self._decode_hidden(payloads)
+            request, payloads = await self._receive_chain_request(requests, num_activations=1)
+            hidden = self._decode_hidden(payloads[:1])
+            adapter = self._receive_adapter(request.adapter, payloads[1:], request.end - request.start, hidden.shape[0])
             with self._active():
-                output = await self.backend.run(self.backend.forward, request.start, request.end, hidden)
+                output = await self.backend.run(self.backend.forward, request.start, request.end, hidden, adapter)
             for message in pack(None, [encode_tensor(output, request.codec)], runtime_pb2.ExpertResponse):
                 yield message
-        except (RequestError, FramingError, WireFormatError, PeerLeaving) as e:
+        except (RequestError, FramingError, WireFormatError, AdapterError, PeerLeaving) as e:
             yield RPCError(message=str(e))
             await self._drain(requests)
 
     async def rpc_backward(self, requests: AsyncIterator, context: P2PContext) -> AsyncIterator:
         try:
-            request, payloads = await self._receive_chain_request(requests, num_tensors=2)
+            request, payloads = await self._receive_chain_request(requests, num_activations=2)
             hidden = self._decode_hidden(payloads[:1])
-            grad_output = self._decode_hidden(payloads[1:])
+            grad_output = self._decode_hidden(payloads[1:2])
             if grad_output.shape != hidden.shape:
                 raise RequestError(f"grad_output shape {list(grad_output.shape)} != inputs shape {list(hidden.shape)}")
+            if request.train and not self.backend.trainable:
+                raise RequestError("this peer's blocks are frozen: only peers started with --train learn from backward")
+            adapter = self._receive_adapter(
+                request.adapter, payloads[2:], request.end - request.start, hidden.shape[0], requires_grad=True
+            )
             with self._active():
-                grad_input = await self.backend.run(
-                    self.backend.backward, request.start, request.end, hidden, grad_output
+                grad_input, *adapter_grads = await self.backend.run(
+                    self.backend.backward, request.start, request.end, hidden, grad_output, adapter, request.train
                 )
-            for message in pack(None, [encode_tensor(grad_input, request.codec)], runtime_pb2.ExpertResponse):
+            # adapter gradients go back exactly: they are small, and they are what the client's optimizer steps on
+            replies = [encode_tensor(grad_input, request.codec)] + [encode_tensor(g, "none") for g in adapter_grads]
+            for message in pack(None, replies, runtime_pb2.ExpertResponse):
                 yield message
-        except (RequestError, FramingError, WireFormatError, PeerLeaving) as e:
+        except (RequestError, FramingError, WireFormatError, AdapterError, PeerLeaving) as e:
             yield RPCError(message=str(e))
             await self._drain(requests)
 
-    async def _receive_chain_request(self, requests: AsyncIterator, num_tensors: int):
+    async def _receive_chain_request(self, requests: AsyncIterator, num_activations: int):
         frame = await self._receive(requests, ChainRequest, self.limits.step_timeout)
         if frame is None:
             raise RequestError("empty request")
@@ -201,9 +217,29 @@ class RequestHandlers:
         self._check_not_leaving()
         self._check_span(request.start, request.end)
         self._check_codec(request.codec)
-        if len(payloads) != num_tensors:
-            raise RequestError(f"expected {num_tensors} tensors, got {len(payloads)}")
+        adapter_tensors = request.adapter.num_tensors(request.end - request.start) if request.adapter else 0
+        if len(payloads) != num_activations + adapter_tensors:
+            raise RequestError(
+                f"expected {num_activations + adapter_tensors} tensors ({num_activations} of activations, "
+                f"{adapter_tensors} of the adapter), got {len(payloads)}"
+            )
         return request, payloads
+
+    def _receive_adapter(
+        self,
+        spec: AdapterSpec | None,
+        payloads: list[bytes],
+        num_blocks: int,
+        batch_size: int,
+        requires_grad: bool = False,
+    ) -> ReceivedAdapter | None:
+        if spec is None:
+            if payloads:
+                raise RequestError(f"{len(payloads)} unexpected tensor(s) after the activations, and no adapter")
+            return None
+        return receive_adapter(
+            spec, payloads, self.backend.config, num_blocks, batch_size, self.backend.device, requires_grad
+        )
 
     async def _receive(self, requests: AsyncIterator, schema, timeout: float):
         return await asyncio.wait_for(receive(requests, schema, self._max_bytes), timeout)

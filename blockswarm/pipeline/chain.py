@@ -3,6 +3,10 @@
 A stage that fails is retried on other peers holding its blocks. Backward may run on a different peer than
 forward did: peers recompute from the inputs the client kept, and when the replacement route splits a
 stage over several peers, the client first runs forward through them to get their inputs.
+
+A client's adapter (deep prompts, LoRA; see wire/adapters.py) goes with every request, each hop getting its blocks'
+part, and backward returns the gradients w.r.t. it. With `train`, peers started with --train learn from every
+backward pass: that is a SWARM training step, each stage's peer picked by stochastic wiring.
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ from dataclasses import dataclass
 import torch
 from hivemind.p2p import P2P
 
+from blockswarm.compression.codecs import encode_tensor
 from blockswarm.pipeline.hops import Hop, PeerError, Router
 from blockswarm.pipeline.retry import RetryPolicy, retry
 from blockswarm.pipeline.streams import call
+from blockswarm.wire.adapters import AdapterTensors
 from blockswarm.wire.messages import BACKWARD_RPC, FORWARD_RPC, ChainRequest
 
 
@@ -26,11 +32,13 @@ class Chain:
     codec: str = "none"  # preferred; each hop uses it where its peer supports it
     timeout: float = 30.0
     retry_policy: RetryPolicy = RetryPolicy()
+    train: bool = False
 
     async def forward(
-        self, hidden: torch.Tensor, start: int, end: int
+        self, hidden: torch.Tensor, start: int, end: int, adapter: AdapterTensors | None = None
     ) -> tuple[torch.Tensor, list[tuple[Hop, torch.Tensor]]]:
-        """Outputs of blocks [start, end) and, per hop, the inputs it received (backward recomputes from them)."""
+        """Outputs of blocks [start, end) and, per hop, the inputs it received (backward recomputes from them).
+        `adapter` covers all of the model's blocks."""
         dtype = hidden.dtype
         inputs: list[tuple[Hop, torch.Tensor]] = []
         plan: list[Hop] = []  # the wired hops still ahead; re-wired from the failed block after a failure
@@ -42,7 +50,8 @@ class Chain:
                     plan[:] = await self._route(block, end)
                 hop = plan.pop(0)
                 try:
-                    return hop, await self._call(hop, FORWARD_RPC, [hidden])
+                    (outputs,) = await self._call(hop, FORWARD_RPC, [hidden], adapter)
+                    return hop, outputs
                 except PeerError:
                     plan.clear()
                     raise
@@ -52,38 +61,76 @@ class Chain:
             hidden, block = outputs, hop.end
         return hidden.to(dtype), inputs
 
-    async def backward(self, hop_inputs: list[tuple[Hop, torch.Tensor]], grad_output: torch.Tensor) -> torch.Tensor:
-        """Gradients w.r.t. the chain's inputs, hop by hop in reverse order."""
+    async def backward(
+        self,
+        hop_inputs: list[tuple[Hop, torch.Tensor]],
+        grad_output: torch.Tensor,
+        adapter: AdapterTensors | None = None,
+    ) -> tuple[torch.Tensor, AdapterTensors | None]:
+        """Gradients w.r.t. the chain's inputs and w.r.t. the adapter, hop by hop in reverse order."""
         dtype = grad_output.dtype
         grad = grad_output
+        adapter_grads = None if adapter is None else adapter.zeros_like()
         for hop, hidden in reversed(hop_inputs):
-            grad = await self._backward_span(hop, hidden, grad)
-        return grad.to(dtype)
+            grad = await self._backward_span(hop, hidden, grad, adapter, adapter_grads)
+        return grad.to(dtype), adapter_grads
 
-    async def _backward_span(self, hop: Hop, hidden: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    async def _backward_span(
+        self,
+        hop: Hop,
+        hidden: torch.Tensor,
+        grad: torch.Tensor,
+        adapter: AdapterTensors | None,
+        adapter_grads: AdapterTensors | None,
+    ) -> torch.Tensor:
+        """d(loss)/d(hidden) of one hop's blocks; adds the gradients w.r.t. its part of the adapter to
+        `adapter_grads`."""
+
+        async def run_on(target: Hop) -> torch.Tensor:
+            grad_input, *grads_of_span = await self._call(target, BACKWARD_RPC, [hidden, grad], adapter)
+            if adapter_grads is not None:
+                adapter_grads.add_(
+                    target.start, AdapterTensors.from_flat(adapter.spec, target.end - target.start, grads_of_span)
+                )
+            return grad_input
+
         try:
-            return await self._call(hop, BACKWARD_RPC, [hidden, grad])
+            return await run_on(hop)
         except PeerError:
             pass  # _call banned it; find another way through these blocks
 
         async def on_replacement() -> torch.Tensor:
             hops = await self._route(hop.start, hop.end)
             if len(hops) == 1:
-                return await self._call(hops[0], BACKWARD_RPC, [hidden, grad])
-            _, inner_inputs = await self.forward(hidden, hop.start, hop.end)
-            return await self.backward(inner_inputs, grad)
+                return await run_on(hops[0])
+            _, inner_inputs = await self.forward(hidden, hop.start, hop.end, adapter)
+            grad_input, inner_grads = await self.backward(inner_inputs, grad, adapter)
+            if adapter_grads is not None:
+                adapter_grads.add_(0, inner_grads)
+            return grad_input
 
         return await retry(self.retry_policy, on_replacement, f"running backward of blocks {hop.start}:{hop.end}")
 
     async def _route(self, start: int, end: int) -> list[Hop]:
         return await asyncio.to_thread(self.router.wire, start, end)
 
-    async def _call(self, hop: Hop, rpc: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+    async def _call(
+        self, hop: Hop, rpc: str, activations: list[torch.Tensor], adapter: AdapterTensors | None
+    ) -> list[torch.Tensor]:
+        """Activations travel with the hop's codec; adapter tensors always exactly: they are parameters."""
         codec = hop.codec_for(self.codec)
-        request = ChainRequest(start=hop.start, end=hop.end, codec=codec)
+        request = ChainRequest(
+            start=hop.start,
+            end=hop.end,
+            codec=codec,
+            adapter=None if adapter is None else adapter.spec,
+            train=self.train and rpc == BACKWARD_RPC,
+        )
+        payloads = [encode_tensor(t, codec) for t in activations]
+        if adapter is not None:
+            payloads += [encode_tensor(t.detach(), "none") for t in adapter.sliced(hop.start, hop.end).flat()]
         try:
-            (output,) = await call(self.p2p, hop.peer_id, rpc, request, tensors, codec, self.timeout)
+            return await call(self.p2p, hop.peer_id, rpc, request, payloads, self.timeout)
         except PeerError as error:
             self.router.ban(error.peer_id)
             raise
-        return output

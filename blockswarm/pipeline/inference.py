@@ -19,6 +19,7 @@ from blockswarm.compression.codecs import decode_tensor, encode_tensor, get_code
 from blockswarm.pipeline.hops import Hop, PeerError, Router
 from blockswarm.pipeline.retry import RetryPolicy, retry
 from blockswarm.pipeline.streams import PeerStream
+from blockswarm.wire.adapters import AdapterTensors
 from blockswarm.wire.messages import INFERENCE_RPC, InferenceStep, OpenSession, StepReply
 
 REPLAY_CHUNK_TOKENS = 1024  # replayed history goes out in steps of at most this many tokens (x batch)
@@ -35,8 +36,16 @@ class SpanSession:
 
     @classmethod
     async def open(
-        cls, p2p: P2P, hop: Hop, max_length: int, batch_size: int, codec: str, timeout: float
+        cls,
+        p2p: P2P,
+        hop: Hop,
+        max_length: int,
+        batch_size: int,
+        codec: str,
+        timeout: float,
+        adapter: AdapterTensors | None = None,
     ) -> SpanSession:
+        """Open the stream; the peer holds `adapter`'s part for these blocks (deep prompts, LoRA) for the session."""
         session_id = uuid.uuid4().hex
         stream = await PeerStream.open(p2p, hop.peer_id, INFERENCE_RPC, timeout)
         opening = OpenSession(
@@ -46,8 +55,10 @@ class SpanSession:
             max_length=max_length,
             batch_size=batch_size,
             codec=codec,
+            adapter=None if adapter is None else adapter.spec,
         )
-        stream.send(opening, [])
+        adapter_tensors = [] if adapter is None else adapter.sliced(hop.start, hop.end).flat()
+        stream.send(opening, [encode_tensor(t.detach(), "none") for t in adapter_tensors])
         return cls(hop, stream, session_id, codec)
 
     async def step(self, payload: bytes, position: int, timeout: float) -> torch.Tensor:
@@ -74,6 +85,7 @@ class InferenceSession:
         step_timeout: float = 30.0,
         retry_policy: RetryPolicy | None = None,
         on_route: Callable[[list[Hop]], None] | None = None,
+        adapter: AdapterTensors | None = None,
     ):
         self.p2p = p2p
         self.router = router
@@ -87,6 +99,7 @@ class InferenceSession:
         self.spans: list[SpanSession] = []
         self.history: dict[int, torch.Tensor] = {}  # first block of a span -> inputs its peer decoded
         self.on_route = on_route  # told about every route chosen: at open and on each failover
+        self.adapter = adapter  # the client's deep prompts / LoRA of every block, sent to each span's peer at open
 
     async def open(self) -> None:
         self.spans = await retry(self.retry_policy, lambda: self._open_spans(0, self.num_blocks), "opening a route")
@@ -149,7 +162,13 @@ class InferenceSession:
             for hop in hops:
                 spans.append(
                     await SpanSession.open(
-                        self.p2p, hop, self.max_length, self.batch_size, hop.codec_for(self.codec), self.step_timeout
+                        self.p2p,
+                        hop,
+                        self.max_length,
+                        self.batch_size,
+                        hop.codec_for(self.codec),
+                        self.step_timeout,
+                        self.adapter,
                     )
                 )
             if replay and self.position > 0:

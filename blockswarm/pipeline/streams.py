@@ -10,7 +10,7 @@ import torch
 from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError, PeerID
 from hivemind.proto import runtime_pb2
 
-from blockswarm.compression.codecs import WireFormatError, decode_tensor, encode_tensor
+from blockswarm.compression.codecs import WireFormatError, decode_tensor
 from blockswarm.pipeline.hops import PeerError
 from blockswarm.wire.framing import FramingError, pack, receive
 from blockswarm.wire.messages import Message
@@ -82,14 +82,14 @@ async def call(
     peer_id: PeerID,
     rpc: str,
     meta: Message,
-    tensors: list[torch.Tensor],
-    codec: str,
+    payloads: list[bytes],
     timeout: float,
 ) -> list[torch.Tensor]:
-    """One request, one reply over a fresh stream (forward/backward carry tensors above the unary size limit)."""
+    """One request, one reply over a fresh stream (forward/backward carry tensors above the unary size limit).
+    `payloads` are tensors encoded with `encode_tensor`."""
     stream = await PeerStream.open(p2p, peer_id, rpc, timeout)
     try:
-        stream.send(meta, [encode_tensor(t, codec) for t in tensors])
+        stream.send(meta, payloads)
         _, outputs = await stream.receive(None, timeout)
         return outputs
     finally:

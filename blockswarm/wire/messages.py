@@ -9,9 +9,32 @@ INFERENCE_RPC = "blockswarm.inference"
 FORWARD_RPC = "blockswarm.forward"
 BACKWARD_RPC = "blockswarm.backward"
 
+MAX_LORA_RANK = 1024
+MAX_PROMPT_LEN = 4096
+
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class AdapterSpec(Message):
+    """Which adapter tensors follow: per block a deep prompt if `prompt_len`, LoRA (A, B) per target if `lora_rank`."""
+
+    prompt_len: int = Field(default=0, ge=0, le=MAX_PROMPT_LEN)
+    lora_rank: int = Field(default=0, ge=0, le=MAX_LORA_RANK)
+    lora_alpha: float = Field(default=1.0, allow_inf_nan=False)
+    lora_targets: tuple[str, ...] = Field(default=(), max_length=16)
+
+    @property
+    def lora_scale(self) -> float:
+        return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
+
+    @property
+    def lora_tensors_per_block(self) -> int:
+        return 2 * len(self.lora_targets) if self.lora_rank else 0
+
+    def num_tensors(self, num_blocks: int) -> int:
+        return (1 if self.prompt_len else 0) + num_blocks * self.lora_tensors_per_block
 
 
 class OpenSession(Message):
@@ -23,6 +46,7 @@ class OpenSession(Message):
     max_length: int
     batch_size: int = 1
     codec: str = "none"  # how the peer encodes its replies
+    adapter: AdapterSpec | None = None  # the client's deep prompts / LoRA for this session, sent with this message
 
 
 class InferenceStep(Message):
@@ -33,11 +57,17 @@ class InferenceStep(Message):
 
 
 class ChainRequest(Message):
-    """A forward or backward pass of blocks [start, end) without a KV cache."""
+    """A forward or backward pass of blocks [start, end) without a KV cache.
+
+    With `adapter`, the adapter's tensors follow the activations and a backward reply carries their gradients
+    after the inputs' gradient. With `train`, a peer started with --train also learns from this backward pass.
+    """
 
     start: int
     end: int
     codec: str = "none"
+    adapter: AdapterSpec | None = None
+    train: bool = False
 
 
 class StepReply(Message):
