@@ -45,6 +45,7 @@ bench: install
 	$(BIN)/python bench/compression.py
 	$(BIN)/python bench/weights.py
 	$(BIN)/python bench/balance.py
+	$(BIN)/python bench/training.py
 
 clean:
 	rm -rf $(VENV) .demo .bench .pytest_cache .ruff_cache

@@ -1,4 +1,4 @@
-"""`blockswarm <command>`: run-dht, run-server, init-model, generate, demo."""
+"""`blockswarm <command>`: run-dht, run-server, init-model, generate, demo, monitor, reassemble."""
 
 from __future__ import annotations
 
@@ -124,6 +124,57 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGTERM/Ctrl-C: seconds running requests may take to finish before the peer goes OFFLINE",
     )
 
+    training = server.add_argument_group(
+        "SWARM training",
+        "With --train the peer's blocks learn from the backward passes of SWARM trainers (clients created with "
+        "swarm_training=True). Peers serving the same span form a stage: they average gradients through "
+        "hivemind.Optimizer and step together once the stage has seen --target-batch-size samples. A peer joining "
+        "a stage late downloads the stage's parameters and optimizer state before serving. Training peers are "
+        "pinned to their span and are used by trainers only, never by inference clients.",
+    )
+    training.add_argument("--train", action="store_true", help="train the served blocks (needs --quant none)")
+    training.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    training.add_argument(
+        "--target-batch-size",
+        type=int,
+        default=32,
+        help="samples per optimizer step, summed over the stage's peers (default: 32)",
+    )
+    training.add_argument(
+        "--matchmaking-time",
+        type=float,
+        default=3.0,
+        help="seconds a peer waits for stage-mates to join a gradient averaging round (default: 3)",
+    )
+    training.add_argument(
+        "--averaging-timeout",
+        type=float,
+        default=30.0,
+        help="an averaging round that takes longer is abandoned; the peer steps on its own gradients (default: 30)",
+    )
+    training.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        help="save the span's parameters there (blocks_START-END.stepN.safetensors) every --checkpoint-every "
+        "steps, after loading a stage's state and on exit; `blockswarm reassemble` builds a full checkpoint from "
+        "such files",
+    )
+    training.add_argument("--checkpoint-every", type=int, default=1, help="stage steps between checkpoints")
+    training.add_argument("--checkpoint-keep", type=int, default=3, help="newest checkpoints kept (default: 3)")
+
+    reassemble = commands.add_parser(
+        "reassemble",
+        help="build a Hugging Face checkpoint from the span files saved by training peers",
+        description="Copy BASE's config and tokenizer and write its weights with every block taken from the span "
+        "files (the newest step wins where several cover a block) and, optionally, the ends from --ends.",
+    )
+    reassemble.add_argument("base", help="the checkpoint the swarm started from")
+    reassemble.add_argument("spans", nargs="+", help="blocks_START-END.stepN.safetensors files of training peers")
+    reassemble.add_argument("--out", required=True, help="output checkpoint directory")
+    reassemble.add_argument(
+        "--ends", default=None, help="safetensors with trained embeddings, final norm and LM head (from the trainer)"
+    )
+
     init = commands.add_parser("init-model", help="write a random-weight Hugging Face checkpoint for testing")
     init.add_argument("dir")
     init.add_argument("--preset", default="tiny", choices=["tiny", "small", "medium"])
@@ -195,6 +246,7 @@ def run_dht(args: argparse.Namespace) -> None:
 def run_server(args: argparse.Namespace) -> None:
     from blockswarm.peer.handlers import ServingLimits
     from blockswarm.peer.server import Server, ServerOptions
+    from blockswarm.peer.stage_training import StageTrainingOptions
 
     options = ServerOptions(
         model=args.model,
@@ -217,8 +269,25 @@ def run_server(args: argparse.Namespace) -> None:
         throughput=args.throughput,
         quant=args.quant,
         limits=ServingLimits(session_timeout=args.session_timeout),
+        train=args.train,
+        training=StageTrainingOptions(
+            learning_rate=args.learning_rate,
+            target_batch_size=args.target_batch_size,
+            matchmaking_time=args.matchmaking_time,
+            averaging_timeout=args.averaging_timeout,
+        ),
+        checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=args.checkpoint_every,
+        checkpoint_keep=args.checkpoint_keep,
     )
     Server(options).run()
+
+
+def reassemble(args: argparse.Namespace) -> None:
+    from blockswarm.models.checkpoints import reassemble as build_checkpoint
+
+    path = build_checkpoint(args.base, args.spans, args.out, ends_file=args.ends)
+    print(f"wrote the reassembled checkpoint to {path}")
 
 
 def init_model(args: argparse.Namespace) -> None:
@@ -272,5 +341,6 @@ def main(argv: list[str] | None = None) -> None:
         "generate": generate,
         "demo": demo,
         "monitor": monitor,
+        "reassemble": reassemble,
     }
     commands[args.command](args)

@@ -89,6 +89,7 @@ class DistributedModelForCausalLM(nn.Module):
         blocked_peers: list[str] = (),
         show_route: bool = False,
         tuning: TuningConfig | None = None,
+        swarm_training: bool = False,
     ) -> DistributedModelForCausalLM:
         """Load the embeddings and head from `name_or_path` and join the swarm through `initial_peers`.
 
@@ -100,7 +101,9 @@ class DistributedModelForCausalLM(nn.Module):
         `allowed_peers` pins routes to those peer ids, `blocked_peers` excludes some; `show_route=True` prints
         every route an inference session takes (at open and after each failover) to stderr.
         `tuning` adds new trainable soft/deep prompts and LoRA adapters (`model.adapters`); `load_adapters` loads
-        saved ones.
+        saved ones. `swarm_training=True` makes this client a SWARM trainer: it routes only through peers started
+        with `run-server --train`, and each `loss.backward()` makes those peers learn (each stage steps together
+        once it has seen its target batch size); the local embeddings and head are the caller's to train.
         """
         config = load_config(name_or_path)
         model_name = model_name or swarm_model_name(name_or_path, weights_fingerprint(name_or_path))
@@ -115,6 +118,7 @@ class DistributedModelForCausalLM(nn.Module):
             allowed_peers=allowed_peers,
             blocked_peers=list(blocked_peers),
             show_route=show_route,
+            swarm_training=swarm_training,
         )
         announced = get_models(remote.dht, latest=True).get(model_name)
         if announced is not None and announced.config_hash != config.fingerprint():

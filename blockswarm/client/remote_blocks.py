@@ -35,6 +35,7 @@ class RemoteBlocks:
         allowed_peers: list[str] | None = None,
         blocked_peers: list[str] = (),
         show_route: bool = False,
+        swarm_training: bool = False,
     ):
         if not initial_peers:
             raise ValueError("initial_peers is empty: pass the multiaddr of at least one peer of the swarm")
@@ -54,9 +55,10 @@ class RemoteBlocks:
             config.num_blocks,
             allowed_peers=None if allowed_peers is None else [PeerID.from_base58(p) for p in allowed_peers],
             blocked_peers=[PeerID.from_base58(p) for p in blocked_peers],
+            training=swarm_training,
         )
         self.router = SwarmRouter(self.view)
-        self.chain = Chain(self.p2p, self.router, codec, step_timeout, self.retry_policy)
+        self.chain = Chain(self.p2p, self.router, codec, step_timeout, self.retry_policy, train=swarm_training)
         self.show_route = show_route
         self._pinging = asyncio.run_coroutine_threadsafe(self._ping_forever(), self.loop.loop)
 
@@ -71,6 +73,8 @@ class RemoteBlocks:
     ) -> torch.Tensor:
         """Hidden states through every block; differentiable w.r.t. `hidden` and the adapter's tensors (wire order,
         covering every block)."""
+        if self.chain.train and torch.is_grad_enabled() and not hidden.requires_grad:
+            hidden = hidden.detach().requires_grad_(True)  # a trainer's backward must reach the peers' blocks
         return _RemoteBlocksFunction.apply(hidden, self, adapter_spec, *adapter_tensors)
 
     def open_session(self, max_length: int, batch_size: int, adapter: AdapterTensors | None = None) -> InferenceSession:

@@ -114,7 +114,7 @@ class Int8BlockwiseCodec(Codec):
 
     def encode(self, tensor: torch.Tensor) -> list[np.ndarray]:
         steps, codes = int8_blockwise.quantize(tensor)
-        return [steps.view(torch.uint8).numpy(), *(piece.numpy() for piece in codes)]
+        return [steps.view(torch.uint8).numpy(), codes.view(torch.uint8).numpy()]
 
     def decode(self, payload: memoryview, numel: int, dtype: torch.dtype) -> torch.Tensor:
         split = 2 * int8_blockwise.num_blocks(numel)

@@ -21,23 +21,32 @@ square law keeps them, at almost no cost on Gaussian data, and needs only one sq
 to decode. Block 256 with bf16 steps beats block 512 with fp32 steps (half the blast radius of an outlier; rounding
 the step up costs < 0.4% of resolution); fp16 steps would underflow on small gradients.
 
-Decoding is float(q) * float(|q|) (exact: at most 127**2) times float(s): a single IEEE rounding, then a cast to the
+Decoding is q * |q| (exact in int16: at most 128**2) as fp32 times float(s): a single IEEE rounding, then a cast to the
 original dtype, so the same bytes decode bit-identically on every machine. NaN and inf are rejected with ValueError
-(one of them would poison its block's step); the lossless codecs carry them. Work runs in cache-sized chunks of
-blocks, each chunk one vectorized pass per op, so no large temporaries are allocated.
+(one of them would poison its block's step); the lossless codecs carry them.
+
+Work runs in cache-sized chunks of blocks (one chunk for a CUDA tensor), one vectorized pass per op into reused
+buffers, so no large temporaries are allocated. Encoding takes |x| as x * sign(x), and one addcmul applies the sign and
+rounds: sign(x) * sqrt(|x| / s) + 1.5 * 2**23 is a float whose low mantissa byte is the two's-complement code (ties
+to even), the byte that the int32 -> int8 cast keeps. Decoding forms q * |q| with int16 numpy ops, then converts it to
+fp32 and multiplies by the step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TypeVar
 
 import numpy as np
 import torch
 
+_Buffer = TypeVar("_Buffer", torch.Tensor, np.ndarray)
+
 BLOCK_SIZE = 256
 _QMAX = 127
 _MIN_STEP = torch.finfo(torch.bfloat16).tiny  # smallest normal step: keeps 1 / step finite
-_CPU_CHUNK_BLOCKS = 1024  # blocks per pass on CPU: 1 MiB fp32 working buffers that stay in L2
+_ROUNDER = 1.5 * 2**23  # y + _ROUNDER holds round(y) (ties to even) in its low mantissa bits, for |y| < 2**22
+_CPU_CHUNK_BLOCKS = 512  # blocks per pass on CPU: a chunk and its two fp32 working buffers (512 KiB each) fit in L2
 
 
 def num_blocks(numel: int) -> int:
@@ -49,53 +58,56 @@ def payload_size(numel: int) -> int:
     return 2 * num_blocks(numel) + numel
 
 
-def _segments(numel: int, chunk_blocks: int) -> Iterator[tuple[int, int, int]]:
-    """(first block, rows, row width) pieces covering `numel` elements: chunks of whole blocks, then the short tail."""
+def _segments(numel: int, chunk_blocks: int) -> Iterator[tuple[int, int, int, int]]:
+    """(first element, first block, rows, row width) pieces covering `numel` elements: chunks of whole blocks, then
+    the short tail."""
     full = numel // BLOCK_SIZE
     for block in range(0, full, chunk_blocks):
-        yield block, min(chunk_blocks, full - block), BLOCK_SIZE
+        yield block * BLOCK_SIZE, block, min(chunk_blocks, full - block), BLOCK_SIZE
     if numel % BLOCK_SIZE:
-        yield full, 1, numel % BLOCK_SIZE
+        yield full * BLOCK_SIZE, full, 1, numel % BLOCK_SIZE
 
 
-def _round_up_to_bf16(values: torch.Tensor) -> torch.Tensor:
-    """Smallest bf16-representable fp32 >= each (non-negative fp32) value; NaN and inf stay as they are."""
-    bits = values.view(torch.int32).add_(0xFFFF).bitwise_and_(-0x10000)
-    return bits.view(torch.float32)
+def _fit(buffer: _Buffer, rows: int, width: int) -> _Buffer:
+    """The leading rows x width corner of a 2-d working buffer (the buffer itself when it is that size)."""
+    return buffer if buffer.shape[0] == rows and buffer.shape[1] == width else buffer[:rows, :width]
 
 
 @torch.inference_mode()
-def quantize(tensor: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Quantize floating-point `tensor` (any device): bf16 steps (one per block) and int8 codes in consecutive pieces,
-    all on CPU. Pieces are returned rather than one buffer so the caller's final bytes are the only large allocation.
-    """
+def quantize(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize floating-point `tensor` (any device): bf16 steps (one per block) and int8 codes, both on CPU."""
     flat = tensor.detach().reshape(-1)
-    numel = flat.numel()
-    chunk = _CPU_CHUNK_BLOCKS if flat.device.type == "cpu" else max(1, num_blocks(numel))
-    size = min(chunk * BLOCK_SIZE, numel)
-    staging = None if flat.dtype == torch.float32 else torch.empty(size, dtype=torch.float32, device=flat.device)
-    scaled = torch.empty(size, dtype=torch.float32, device=flat.device)
-    steps = torch.empty(num_blocks(numel), dtype=torch.float32, device=flat.device)
-    codes = []
-    for block, rows, width in _segments(numel, chunk):
-        lo, hi = block * BLOCK_SIZE, block * BLOCK_SIZE + rows * width
-        if staging is None:  # fp32 is read where it lies; other dtypes are cast chunk by chunk
-            values = flat[lo:hi].view(rows, width)
-        else:
-            values = staging[: hi - lo].view(rows, width).copy_(flat[lo:hi].view(rows, width))
-        mags = torch.abs(values, out=scaled[: hi - lo].view(rows, width))
-        step = _round_up_to_bf16(mags.amax(dim=1).div_(_QMAX * _QMAX)).clamp_min_(_MIN_STEP)
-        steps[block : block + rows] = step
-        mags.mul_(step.reciprocal().unsqueeze(1)).sqrt_().round_().copysign_(values)
-        codes.append(mags.view(-1).to(device="cpu", dtype=torch.int8))
+    numel, device = flat.numel(), flat.device
+    chunk = _CPU_CHUNK_BLOCKS if device.type == "cpu" else max(1, num_blocks(numel))
+    shape = (min(chunk, num_blocks(numel)), min(BLOCK_SIZE, numel))
+    staging = None if flat.dtype == torch.float32 else torch.empty(shape, dtype=torch.float32, device=device)
+    signs = torch.empty(shape, dtype=torch.float32, device=device)
+    mags = torch.empty(shape, dtype=torch.float32, device=device)
+    inverses = torch.empty(shape[0], 1, dtype=torch.float32, device=device)
+    # constants as tensors: cheaper to pass per op than Python numbers
+    levels, rounder = torch.tensor([_QMAX * _QMAX, _ROUNDER], device=device).unbind()
+    carry, mask = torch.tensor([0xFFFF, -0x10000], dtype=torch.int32, device=device).unbind()
+    steps = torch.empty(num_blocks(numel), 1, dtype=torch.float32, device=device)
+    codes = _empty(numel, torch.int8) if device.type == "cpu" else torch.empty(numel, dtype=torch.int8, device=device)
+    for lo, block, rows, width in _segments(numel, chunk):
+        values = flat[lo : lo + rows * width].view(rows, width)
+        if staging is not None:  # fp32 is read where it lies; other dtypes are cast chunk by chunk
+            values = _fit(staging, rows, width).copy_(values)
+        sign = torch.sign(values, out=_fit(signs, rows, width))
+        mag = torch.mul(values, sign, out=_fit(mags, rows, width))  # |x|
+        step = torch.amax(mag, dim=1, keepdim=True, out=steps[block : block + rows]).div_(levels)
+        step.view(torch.int32).add_(carry).bitwise_and_(mask)  # round up to bf16
+        mag.mul_(torch.reciprocal(step.clamp_min_(_MIN_STEP), out=_fit(inverses, rows, 1))).sqrt_()
+        rounded = torch.addcmul(rounder, mag, sign, out=mag)  # sign(x) * sqrt(|x| / s) + _ROUNDER
+        codes[lo : lo + rows * width].view(rows, width).copy_(rounded.view(torch.int32))  # the low byte: the code
     finite = torch.isfinite(steps)  # NaN or inf anywhere makes its block's step NaN or inf
     if not finite.all():
-        bad = int((~finite).nonzero()[0])
+        bad = int((~finite).nonzero()[0, 0])
         raise ValueError(
             f"codec 'int8-blockwise' cannot encode NaN or inf (block {bad}, elements {bad * BLOCK_SIZE}.."
             f"{min((bad + 1) * BLOCK_SIZE, numel) - 1}); send such tensors with a lossless codec such as 'none'"
         )
-    return steps.to(device="cpu", dtype=torch.bfloat16), codes
+    return steps.view(-1).to(device="cpu", dtype=torch.bfloat16), codes.cpu()
 
 
 @torch.inference_mode()
@@ -104,16 +116,20 @@ def dequantize(steps: torch.Tensor, codes: np.ndarray, dtype: torch.dtype) -> to
     view of the received bytes): code * |code| * step."""
     numel = codes.size
     out = _empty(numel, dtype)
-    size = min(_CPU_CHUNK_BLOCKS * BLOCK_SIZE, numel)
-    staging = None if dtype == torch.float32 else torch.empty(size, dtype=torch.float32)
-    mags = torch.empty(size, dtype=torch.float32)
+    shape = (min(_CPU_CHUNK_BLOCKS, num_blocks(numel)), min(BLOCK_SIZE, numel))
+    products = np.empty(shape, dtype=np.int16)
+    mags = np.empty(shape, dtype=np.int16)
+    wide = torch.from_numpy(products)
+    staging = None if dtype == torch.float32 else torch.empty(shape, dtype=torch.float32)
     steps = steps.unsqueeze(1)
-    for block, rows, width in _segments(numel, _CPU_CHUNK_BLOCKS):
-        lo, hi = block * BLOCK_SIZE, block * BLOCK_SIZE + rows * width
-        values = (out[lo:hi] if staging is None else staging[: hi - lo]).view(rows, width)
-        np.copyto(values.numpy(), codes[lo:hi].reshape(rows, width))  # exact int8 -> fp32, straight from the wire
-        values.mul_(torch.abs(values, out=mags[: hi - lo].view(rows, width))).mul_(steps[block : block + rows])
-        if staging is not None:
+    for lo, block, rows, width in _segments(numel, _CPU_CHUNK_BLOCKS):
+        hi = lo + rows * width
+        product = _fit(products, rows, width)
+        np.copyto(product, codes[lo:hi].reshape(rows, width))  # straight from the wire
+        np.multiply(product, np.abs(product, out=_fit(mags, rows, width)), out=product)  # exact: |code| <= 128
+        values = out[lo:hi].view(rows, width) if staging is None else _fit(staging, rows, width)
+        values.copy_(_fit(wide, rows, width)).mul_(steps[block : block + rows])
+        if staging is not None:  # fp32 is written where it belongs; other dtypes are cast chunk by chunk
             out[lo:hi].view(rows, width).copy_(values)
     return out
 
@@ -123,6 +139,7 @@ _NUMPY_STORAGE = {
     torch.float16: np.float16,
     torch.float64: np.float64,
     torch.bfloat16: np.int16,
+    torch.int8: np.int8,
 }
 
 

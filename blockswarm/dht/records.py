@@ -69,6 +69,7 @@ class ServerInfo(_WireRecord):
     public_name: str | None = Field(default=None, max_length=64)
     using_relay: bool = False
     next_pings: dict[str, float] = Field(default_factory=dict, max_length=256)
+    training: bool = False  # started with --train: its blocks learn from SWARM trainers' backward passes
 
     @model_validator(mode="after")
     def _check(self) -> ServerInfo:

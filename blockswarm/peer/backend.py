@@ -8,6 +8,8 @@ inference_mode: tensors cached by the blocks (rotary tables) must stay usable by
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -36,9 +38,11 @@ class BlockBackend:
         self.device = device
         # bytes resident per served block (weights and quantization state), averaged over the span; fixed once loaded
         self.memory_per_block = sum(block_memory_bytes(block) for block in blocks) // len(blocks)
-        # set on a peer started with --train: called with the micro-batch size once a training backward pass has
-        # left the blocks' gradients in .grad; it hands them to the stage's optimizer
-        self.learn: Callable[[int], None] | None = None
+        # set on a peer started with --train: given the gradients w.r.t. the blocks' parameters (in the order of
+        # `parameters()`) and the micro-batch size after each training backward pass; hands them to the stage
+        self.learn: Callable[[list[torch.Tensor], int], None] | None = None
+        # held while computing; a training peer makes it a real lock, under which its optimizer updates the blocks
+        self.parameters_lock: threading.Lock | contextlib.nullcontext = contextlib.nullcontext()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blockswarm-compute")
 
     def make_cache(self, batch_size: int, max_length: int) -> KVCache:
@@ -69,7 +73,7 @@ class BlockBackend:
         position: int,
         adapter: ReceivedAdapter | None = None,
     ) -> torch.Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), self.parameters_lock:
             hidden = hidden.to(self.device, self.dtype)
             blocks = self._span(start, start + len(caches))
             for block, cache, block_adapter in zip(blocks, caches, _per_block(adapter, len(blocks))):
@@ -79,7 +83,7 @@ class BlockBackend:
     def forward(
         self, start: int, end: int, hidden: torch.Tensor, adapter: ReceivedAdapter | None = None
     ) -> torch.Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), self.parameters_lock:
             hidden = hidden.to(self.device, self.dtype)
             blocks = self._span(start, end)
             for block, block_adapter in zip(blocks, _per_block(adapter, len(blocks))):
@@ -99,9 +103,10 @@ class BlockBackend:
         gradients w.r.t. the adapter's tensors in wire order. With `train`, the blocks learn from it too."""
         blocks = self._span(start, end)
         leaves = adapter.leaves if adapter is not None else []
-        params = [p for block in blocks for p in block.parameters()] if train else []
-        with torch.enable_grad():
-            inputs = hidden.to(self.device, self.dtype).requires_grad_(True)
+        params = self.parameters() if train else []
+        with torch.enable_grad(), self.parameters_lock:
+            # a copy: decoded 8-bit tensors are inference tensors, which cannot require grad
+            inputs = hidden.to(self.device, self.dtype, copy=True).requires_grad_(True)
             outputs = inputs
             for block, block_adapter in zip(blocks, _per_block(adapter, len(blocks))):
                 outputs = block(outputs, adapter=block_adapter)
@@ -113,9 +118,7 @@ class BlockBackend:
             )
         grad_input, adapter_grads, param_grads = grads[0], grads[1 : 1 + len(leaves)], grads[1 + len(leaves) :]
         if train:
-            for param, grad in zip(params, param_grads):
-                param.grad = grad if param.grad is None or grad is None else param.grad + grad
-            self.learn(hidden.shape[0])
+            self.learn([torch.zeros_like(p) if g is None else g for p, g in zip(params, param_grads)], hidden.shape[0])
         return [grad_input.cpu()] + [
             (torch.zeros_like(leaf) if grad is None else grad).cpu() for leaf, grad in zip(leaves, adapter_grads)
         ]

@@ -194,6 +194,11 @@ class RequestHandlers:
                 raise RequestError(f"grad_output shape {list(grad_output.shape)} != inputs shape {list(hidden.shape)}")
             if request.train and not self.backend.trainable:
                 raise RequestError("this peer's blocks are frozen: only peers started with --train learn from backward")
+            if request.train and (request.start, request.end) != (self.backend.start, self.backend.end):
+                raise RequestError(
+                    f"a training peer learns from passes over its whole stage [{self.backend.start}, "
+                    f"{self.backend.end}), got [{request.start}, {request.end})"
+                )
             adapter = self._receive_adapter(
                 request.adapter, payloads[2:], request.end - request.start, hidden.shape[0], requires_grad=True
             )

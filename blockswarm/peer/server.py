@@ -7,7 +7,9 @@ import logging
 import random
 import signal
 import sys
+import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from hivemind.dht import DHT
@@ -28,11 +30,13 @@ from blockswarm.dht import (
     make_validators,
 )
 from blockswarm.models import load_blocks, load_config, weights_fingerprint
+from blockswarm.models.checkpoints import save_span
 from blockswarm.models.naming import swarm_model_name
 from blockswarm.peer.backend import BlockBackend
 from blockswarm.peer.block_selection import block_coverage, choose_move, choose_span_start
 from blockswarm.peer.cache import CachePool
 from blockswarm.peer.handlers import RequestHandlers, ServingLimits
+from blockswarm.peer.stage_training import StageOptimizer, StageTrainingOptions, stage_run_id
 from blockswarm.peer.throughput import Throughput, measure_throughput
 from blockswarm.wire.ping import RttEma, measure_rtt
 
@@ -64,6 +68,11 @@ class ServerOptions:
     throughput: float | None = None  # override the measured forward throughput (tokens/s per block)
     quant: str = "none"  # weight quantization of the served blocks: none | int8 | nf4
     limits: ServingLimits = field(default_factory=ServingLimits)
+    train: bool = False  # SWARM training: the blocks learn from trainers' backward passes, averaged per stage
+    training: StageTrainingOptions = field(default_factory=StageTrainingOptions)
+    checkpoint_dir: str | None = None  # where a training peer saves its span (every `checkpoint_every` stage steps)
+    checkpoint_every: int = 1
+    checkpoint_keep: int = 3  # newest checkpoints kept per span
 
 
 def resolve_device(device: str) -> torch.device:
@@ -120,10 +129,15 @@ class Server:
         self.dtype = resolve_dtype(options.dtype, self.device)
         if options.quant not in QUANT_TYPES:
             raise SystemExit(f"error: unknown --quant {options.quant!r}; choose one of {', '.join(QUANT_TYPES)}")
+        if options.train and options.quant != "none":
+            raise SystemExit("error: --train needs full-precision weights to learn: drop --quant")
+        if options.checkpoint_every < 1 or options.checkpoint_keep < 1:
+            raise SystemExit("error: --checkpoint-every and --checkpoint-keep must be at least 1")
         self.state = ServerState.JOINING
         self.span = (0, 0)
         self.throughput: Throughput | None = None
         self.next_pings = RttEma()
+        self.stage: StageOptimizer | None = None
 
     def run(self) -> None:
         """Blocks until SIGINT/SIGTERM; the DHT process is forked before any torch threads start."""
@@ -133,13 +147,71 @@ class Server:
             self._announce(dht, public_key, cache_tokens_left=0)
             backend = self._load(*self.span)
             try:
+                if self.options.train:
+                    self._join_stage(dht, backend)
                 import uvloop
 
                 uvloop.run(self._serve(dht, public_key, backend))
             finally:
                 backend.shutdown()
+                if self.stage is not None:
+                    self.stage.shutdown()
+                    self._save_checkpoint(backend)
         finally:
             dht.shutdown()
+
+    def _join_stage(self, dht: DHT, backend: BlockBackend) -> None:
+        """Make the blocks trainable and join the stage of peers serving the same span; a late joiner first
+        downloads the stage's current parameters and optimizer state."""
+        start, end = self.span
+        for parameter in backend.parameters():
+            parameter.requires_grad_(True)
+        backend.parameters_lock = threading.Lock()
+        self.stage = StageOptimizer(
+            dht,
+            stage_run_id(self.model_name, start, end),
+            backend.parameters(),
+            self.options.training,
+            parameters_lock=backend.parameters_lock,
+        )
+        (servers,) = get_block_servers(dht, self.model_name, start, start + 1, latest=True)
+        mates = [
+            peer
+            for peer, info in servers.items()
+            if info.training and (info.start, info.end) == (start, end) and info.state == ServerState.ONLINE
+        ]
+        if mates:
+            loaded = self.stage.load_state_from_peers()
+            if loaded:
+                self._save_checkpoint(backend)
+            print(
+                f"blockswarm peer joined stage {start}:{end} with {len(mates)} peer(s): "
+                + (f"loaded their state at step {self.stage.epoch}" if loaded else "could not load their state"),
+                flush=True,
+            )
+        backend.learn = self.stage.submit
+        self.stage.on_step = lambda epoch: self._on_stage_step(backend, epoch)
+
+    def _on_stage_step(self, backend: BlockBackend, epoch: int) -> None:
+        if epoch % self.options.checkpoint_every == 0:
+            self._save_checkpoint(backend)
+
+    def _save_checkpoint(self, backend: BlockBackend) -> None:
+        """blocks_START-END.stepN.safetensors in --checkpoint-dir; older steps beyond the newest few are removed."""
+        if self.options.checkpoint_dir is None:
+            return
+        start, end = self.span
+        directory = Path(self.options.checkpoint_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        epoch = self.stage.epoch
+        save_span(
+            backend.blocks,
+            start,
+            directory / f"blocks_{start}-{end}.step{epoch:06d}.safetensors",
+            {"epoch": str(epoch), "model": self.model_name},
+        )
+        for old in sorted(directory.glob(f"blocks_{start}-{end}.step*.safetensors"))[: -self.options.checkpoint_keep]:
+            old.unlink(missing_ok=True)
 
     def _load(self, start: int, end: int) -> BlockBackend:
         """Load (on the CPU when quantizing: the full-precision weights never occupy the GPU) and quantize."""
@@ -197,6 +269,7 @@ class Server:
             cache_tokens_left=cache_tokens_left,
             public_name=self.options.public_name,
             next_pings={peer.to_base58(): rtt for peer, rtt in self.next_pings.snapshot().items()},
+            training=self.options.train,
             **{k: v for k, v in self._status().items() if k != "state"},
         )
         if not announce_server(dht, self.model_name, info, public_key, expiration):
@@ -237,7 +310,7 @@ class Server:
                 await asyncio.wait_for(stop.wait(), self.options.update_period)
             except TimeoutError:
                 await self._ping_next_peers(dht, p2p)
-                if self.options.blocks is None and loop.time() >= next_balance:
+                if self.options.blocks is None and not self.options.train and loop.time() >= next_balance:
                     await self._rebalance(dht, handlers, announce)
                     next_balance = loop.time() + self._balance_delay()
                 await announce()

@@ -18,14 +18,22 @@ LEAVING_STATES = (ServerState.DRAINING, ServerState.OFFLINE)
 
 
 def usable_peers(
-    blocks: list[dict[PeerID, ServerInfo]], excluded: set[PeerID], allowed: set[PeerID] | None = None
+    blocks: list[dict[PeerID, ServerInfo]],
+    excluded: set[PeerID],
+    allowed: set[PeerID] | None = None,
+    training: bool = False,
 ) -> list[dict[PeerID, ServerInfo]]:
-    """Per block, the ONLINE peers that are not excluded (and are allowed, when an allow list is given)."""
+    """Per block, the ONLINE peers that are not excluded (and are allowed, when an allow list is given).
+
+    Peers started with --train (their weights move) serve SWARM trainers only, and trainers use only them."""
     return [
         {
             peer: info
             for peer, info in block.items()
-            if info.state == ServerState.ONLINE and peer not in excluded and (allowed is None or peer in allowed)
+            if info.state == ServerState.ONLINE
+            and info.training == training
+            and peer not in excluded
+            and (allowed is None or peer in allowed)
         }
         for block in blocks
     ]
@@ -35,7 +43,8 @@ class SwarmView:
     """Refreshed in a background thread every `refresh_period` seconds, and on demand when routes fail.
 
     A failing peer is banned for `ban_seconds`, doubled on each repeated failure up to `max_ban_seconds`.
-    `allowed_peers` (if given) pins routing to those peers; `blocked_peers` are never used.
+    `allowed_peers` (if given) pins routing to those peers; `blocked_peers` are never used. With `training`, the
+    view holds the peers that train their blocks (SWARM), otherwise the frozen ones.
     """
 
     def __init__(
@@ -48,6 +57,7 @@ class SwarmView:
         max_ban_seconds: float = 300.0,
         allowed_peers: Iterable[PeerID] | None = None,
         blocked_peers: Iterable[PeerID] = (),
+        training: bool = False,
     ):
         self.dht = dht
         self.model = model
@@ -57,6 +67,7 @@ class SwarmView:
         self.max_ban_seconds = max_ban_seconds
         self.allowed_peers = None if allowed_peers is None else set(allowed_peers)
         self.blocked_peers = set(blocked_peers)
+        self.training = training
         self._blocks: list[dict[PeerID, ServerInfo]] = [{} for _ in range(num_blocks)]
         self._leaving: set[PeerID] = set()
         self._banned_until: dict[PeerID, float] = {}
@@ -81,7 +92,7 @@ class SwarmView:
         now = time.monotonic()
         with self._lock:
             excluded = self.blocked_peers | {peer for peer, until in self._banned_until.items() if until > now}
-            return usable_peers(self._blocks, excluded, self.allowed_peers)
+            return usable_peers(self._blocks, excluded, self.allowed_peers, self.training)
 
     def peers(self) -> set[PeerID]:
         """Every peer the view knows as ONLINE, usable or not."""

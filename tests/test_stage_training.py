@@ -1,0 +1,109 @@
+"""blockswarm.peer.stage_training: stage-mates average gradients through hivemind and stay identical."""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+
+import pytest
+import torch
+from hivemind.dht import DHT
+from hivemind.utils.crypto import RSAPrivateKey
+from torch import nn
+
+from blockswarm.peer.stage_training import StageOptimizer, StageTrainingOptions, stage_run_id
+
+BATCH = 4
+OPTIONS = StageTrainingOptions(
+    learning_rate=1e-2, target_batch_size=16 * BATCH, matchmaking_time=2.0, averaging_timeout=20.0
+)
+
+
+def test_stage_run_id_is_a_valid_hivemind_prefix():
+    assert stage_run_id("tiny-3f2a1b4c", 0, 3) == "tiny-3f2a1b4c_stage_0-3"
+    dotted = stage_run_id("meta-llama/Llama-3.1-8B", 8, 16)
+    assert "." not in dotted and "/" not in dotted and dotted.endswith("_stage_8-16")
+    assert stage_run_id("org/m.1", 0, 1) != stage_run_id("org_m_1", 0, 1)
+    with pytest.raises(ValueError, match="empty"):
+        stage_run_id("model", 3, 3)
+    with pytest.raises(ValueError, match="positive"):
+        StageTrainingOptions(target_batch_size=0)
+
+
+def _train_until_next_epoch(optimizer: StageOptimizer, module: nn.Module, peer: int, errors: list) -> None:
+    """Feed micro-batches until the stage steps once. Peer 0's inputs use only features 0-7, peer 1's only 8-15:
+    a weight column gets gradients from one peer only, so it moves only if the peers averaged their gradients."""
+    try:
+        generator = torch.Generator().manual_seed(peer)
+        deadline = time.monotonic() + 40
+        while optimizer.epoch < 1:
+            assert time.monotonic() < deadline, "the stage never stepped"
+            inputs = torch.zeros(BATCH, 16)
+            inputs[:, 8 * peer : 8 * peer + 8] = torch.randn(BATCH, 8, generator=generator)
+            module(inputs).pow(2).mean().backward()
+            optimizer.step(BATCH)
+            assert all(param.grad is None for param in module.parameters())
+            time.sleep(0.2)  # a realistic micro-batch rate: hivemind estimates when the stage will be done from it
+    except BaseException as error:
+        errors.append(error)
+
+
+def _new_peer_identity(monkeypatch) -> None:
+    """Make the next StageOptimizer sign its progress records with a key of its own.
+
+    hivemind's progress tracker publishes each peer's progress under its process-wide RSA key: stage-mates in one
+    process would overwrite each other's records and each would think it trains alone. Real peers are processes.
+    """
+    monkeypatch.setattr(RSAPrivateKey, "_process_wide_key", None)
+
+
+def test_stage_mates_average_gradients_and_a_late_peer_loads_their_state(monkeypatch):
+    torch.manual_seed(0)
+    first = nn.Linear(16, 8)
+    second = copy.deepcopy(first)
+    initial = copy.deepcopy(first.state_dict())
+    dhts, optimizers = [], []
+    try:
+        dhts.append(DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"]))
+        initial_peers = [str(maddr) for maddr in dhts[0].get_visible_maddrs()]
+        for _ in range(3):
+            dhts.append(DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=initial_peers))
+        run_id = stage_run_id("tiny", 0, 1)
+        for dht, module in zip(dhts[1:], (first, second)):
+            _new_peer_identity(monkeypatch)
+            optimizers.append(StageOptimizer(dht, run_id, list(module.parameters()), OPTIONS))
+
+        errors = []
+        threads = [
+            threading.Thread(target=_train_until_next_epoch, args=(optimizer, module, peer, errors))
+            for peer, (optimizer, module) in enumerate(zip(optimizers, (first, second)))
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors, errors
+
+        for name, value in first.state_dict().items():
+            assert torch.allclose(value, second.state_dict()[name], atol=1e-6), f"{name} differs between stage-mates"
+            assert (value != initial[name]).all(), f"{name} was not trained with both peers' gradients"
+
+        late = nn.Linear(16, 8)  # different initial weights
+        _new_peer_identity(monkeypatch)
+        optimizers.append(StageOptimizer(dhts[3], run_id, list(late.parameters()), OPTIONS))
+        assert optimizers[-1].load_state_from_peers()
+        assert optimizers[-1].epoch == 1
+        for name, value in late.state_dict().items():
+            assert torch.allclose(value, first.state_dict()[name], atol=1e-6), f"{name} was not loaded"
+
+        _new_peer_identity(monkeypatch)
+        alone = StageOptimizer(dhts[3], stage_run_id("tiny", 1, 2), list(nn.Linear(2, 2).parameters()), OPTIONS)
+        optimizers.append(alone)
+        assert not alone.load_state_from_peers()  # nobody serves that stage
+        assert alone.epoch == 0
+    finally:
+        for optimizer in optimizers:
+            optimizer.shutdown()
+        for dht in dhts:
+            dht.shutdown()
