@@ -111,9 +111,12 @@ def test_loss_decreases_with_8bit_wire(swarm, tiny_model, tmp_path, local_parts)
 def test_new_adapters_change_nothing(swarm, tiny_model):
     """A fresh adapter (zero LoRA B, zero deep prompts) leaves the model's logits as they were."""
     input_ids = batch(seed=5)
-    with DistributedModelForCausalLM.from_pretrained(
-        tiny_model, swarm.initial_peers, codec="none", tuning=TuningConfig(lora_rank=2, lora_head=True)
-    ) as model, torch.no_grad():
+    with (
+        DistributedModelForCausalLM.from_pretrained(
+            tiny_model, swarm.initial_peers, codec="none", tuning=TuningConfig(lora_rank=2, lora_head=True)
+        ) as model,
+        torch.no_grad(),
+    ):
         tuned = model(input_ids)
         model.adapters = None
         plain = model(input_ids)
