@@ -56,7 +56,7 @@ class ServingLimits:
     step_timeout: float = 300.0  # the most a client may wait between messages of one frame
     alloc_timeout: float = 10.0  # how long a new session waits for cache room
 
-    max_adapter_bytes: int = 2**28  # deep prompts and LoRA weights a client may send with one request
+    max_adapter_bytes: int = 2**26  # deep prompts and LoRA weights a client may send with one request
 
     def max_request_bytes(self, hidden_size: int) -> int:
         return 2 * self.max_batch_tokens * hidden_size * 4 + self.max_adapter_bytes + 2**16

@@ -18,7 +18,7 @@ from hivemind.p2p import P2P
 from blockswarm.compression.codecs import decode_tensor, encode_tensor, get_codec
 from blockswarm.pipeline.hops import Hop, PeerError, Router
 from blockswarm.pipeline.retry import RetryPolicy, retry
-from blockswarm.pipeline.streams import PeerStream
+from blockswarm.pipeline.streams import PeerStream, adapter_payloads
 from blockswarm.wire.adapters import AdapterTensors
 from blockswarm.wire.messages import INFERENCE_RPC, InferenceStep, OpenSession, StepReply
 
@@ -57,8 +57,7 @@ class SpanSession:
             codec=codec,
             adapter=None if adapter is None else adapter.spec,
         )
-        adapter_tensors = [] if adapter is None else adapter.sliced(hop.start, hop.end).flat()
-        stream.send(opening, [encode_tensor(t.detach(), "none") for t in adapter_tensors])
+        stream.send(opening, adapter_payloads(adapter, hop.start, hop.end))
         return cls(hop, stream, session_id, codec)
 
     async def step(self, payload: bytes, position: int, timeout: float) -> torch.Tensor:

@@ -10,8 +10,9 @@ import torch
 from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError, PeerID
 from hivemind.proto import runtime_pb2
 
-from blockswarm.compression.codecs import WireFormatError, decode_tensor
+from blockswarm.compression.codecs import WireFormatError, decode_tensor, encode_tensor
 from blockswarm.pipeline.hops import PeerError
+from blockswarm.wire.adapters import AdapterTensors
 from blockswarm.wire.framing import FramingError, pack, receive
 from blockswarm.wire.messages import Message
 
@@ -94,3 +95,10 @@ async def call(
         return outputs
     finally:
         await stream.close()
+
+
+def adapter_payloads(adapter: AdapterTensors | None, start: int, end: int) -> list[bytes]:
+    """The adapter's part for blocks [start, end), encoded losslessly: these tensors are parameters."""
+    if adapter is None:
+        return []
+    return [encode_tensor(t.detach(), "none") for t in adapter.sliced(start, end).flat()]

@@ -22,10 +22,6 @@ class AdapterTensors:
     prompts: torch.Tensor | None
     lora: list[list[torch.Tensor]]
 
-    @property
-    def num_blocks(self) -> int:
-        return len(self.lora) if self.lora else (0 if self.prompts is None else self.prompts.shape[0])
-
     def sliced(self, begin: int, end: int) -> AdapterTensors:
         """Blocks [begin, end) of these, counted from this object's first block."""
         prompts = None if self.prompts is None else self.prompts[begin:end]
@@ -47,7 +43,7 @@ class AdapterTensors:
         return cls(spec, prompts, lora)
 
     def add_(self, begin: int, span: AdapterTensors) -> None:
-        """Add `span` (e.g. one hop's gradients) into blocks [begin, begin + span.num_blocks) of these."""
+        """Add `span` (e.g. one hop's gradients) into the blocks of these that it covers, from `begin` on."""
         if self.prompts is not None and span.prompts is not None:
             self.prompts[begin : begin + span.prompts.shape[0]] += span.prompts
         for own, other in zip(self.lora[begin:], span.lora):
