@@ -1,7 +1,8 @@
 """int8-blockwise vs hivemind's BlockwiseQuantization on one activation, measured in one run on this machine.
 
 Data: a 1x2048x4096 fp32 activation, Gaussian with 6 outlier channels at 100x the median (fixed seed).
-ours_ms: median of `encode_tensor(x, "int8-blockwise")` + `decode_tensor(bytes)` (full wire bytes, header included).
+ours_ms: median of `encode_tensor(x, "int8-blockwise")` + `decode_tensor(bytes)` (full wire bytes, header included),
+through the fused C kernels when this install has them (`native_kernels` in the JSON says which ran).
 hivemind_blockwise_ms: median of `BlockwiseQuantization().compress(x, info)` + `.extract(message)`.
 Rounds alternate ours / hivemind after warm-up; the last stdout line is one JSON object.
 """
@@ -20,6 +21,7 @@ import time  # noqa: E402
 import torch  # noqa: E402
 from hivemind.compression import BlockwiseQuantization, CompressionInfo  # noqa: E402
 
+from blockswarm.compression import int8_blockwise  # noqa: E402
 from blockswarm.compression.codecs import decode_tensor, encode_tensor  # noqa: E402
 
 SHAPE = (1, 2048, 4096)
@@ -79,6 +81,7 @@ def main() -> None:
         "bytes_per_element": round(len(wire) / hidden.numel(), 5),
         "rel_l2_error": round(rel_l2(hidden, our_decoded), 5),
         "hivemind_rel_l2_error": round(rel_l2(hidden, their_decoded), 5),
+        "native_kernels": int8_blockwise.native_kernels(),
     }
     print(json.dumps(result))
 

@@ -29,6 +29,15 @@ def header_size(tensor: torch.Tensor) -> int:
     return 5 + 4 * tensor.dim()
 
 
+@pytest.fixture(params=["native", "torch"])
+def kernels(request, monkeypatch):
+    """Runs a test with the fused C kernels and again with the torch ops that CUDA tensors (and builds without a C
+    compiler) use."""
+    if request.param == "torch":
+        monkeypatch.setattr(int8_blockwise, "_NATIVE", None)
+    return request.param
+
+
 def test_codec_registry_keeps_ids_and_lossless_flags():
     assert {name: (codec.id, codec.lossless) for name, codec in CODECS.items()} == {
         "none": (0, True),
@@ -49,7 +58,7 @@ def test_every_codec_knows_its_exact_payload_size(codec, shape):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("shape", [(1, 7, 256), (3, 257), (2, 3, 5), (1000,), (1,), ()])
-def test_int8_round_trip_keeps_dtype_shape_and_accuracy(dtype, shape):
+def test_int8_round_trip_keeps_dtype_shape_and_accuracy(dtype, shape, kernels):
     tensor = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     decoded = decode_tensor(encode_tensor(tensor, INT8))
     assert decoded.dtype == dtype and decoded.shape == tensor.shape and decoded.device.type == "cpu"
@@ -60,7 +69,7 @@ def test_int8_round_trip_keeps_dtype_shape_and_accuracy(dtype, shape):
     assert (decoded.double() - tensor.double()).abs().max() <= tolerance
 
 
-def test_int8_handles_empty_zero_and_tiny_tensors():
+def test_int8_handles_empty_zero_and_tiny_tensors(kernels):
     for shape in [(0,), (0, 4), (2, 0, 3)]:
         empty = torch.empty(shape, dtype=torch.bfloat16)
         decoded = decode_tensor(encode_tensor(empty, INT8))
@@ -86,6 +95,28 @@ def test_int8_error_on_gaussian_and_outlier_activations():
     assert outlier_error <= 0.015 and small_error <= 0.015
 
 
+def test_native_kernels_are_built():
+    assert int8_blockwise.native_kernels(), (
+        "blockswarm/compression/int8_native.c was not built: install a C compiler with OpenMP (gcc) and reinstall"
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_native_and_torch_kernels_give_the_same_bytes_and_bits(dtype, monkeypatch):
+    tensors = [
+        with_outlier_channels((3, 5, 1000), seed=2),
+        torch.randn(2, 257) * 1e-36,  # subnormal codes' neighbours and the smallest step
+        torch.cat([torch.zeros(300), torch.full((10,), -2.5), torch.linspace(-1, 1, 301) ** 3]),
+        torch.tensor([7.0]),
+    ]
+    native_wires = [encode_tensor(tensor.to(dtype), INT8) for tensor in tensors]
+    native_decoded = [decode_tensor(wire) for wire in native_wires]
+    monkeypatch.setattr(int8_blockwise, "_NATIVE", None)
+    for tensor, wire, decoded in zip(tensors, native_wires, native_decoded):
+        assert encode_tensor(tensor.to(dtype), INT8) == wire
+        assert torch.equal(decode_tensor(wire).view(torch.uint8), decoded.view(torch.uint8))
+
+
 def test_int8_wire_size_for_a_big_activation():
     tensor = torch.randn(BIG)
     assert len(encode_tensor(tensor, INT8)) / tensor.numel() <= 1.01
@@ -100,7 +131,7 @@ def test_int8_is_deterministic():
     assert torch.equal(first.view(torch.int32), second.view(torch.int32))
 
 
-def test_int8_decode_is_exactly_code_times_abs_code_times_step():
+def test_int8_decode_is_exactly_code_times_abs_code_times_step(kernels):
     tensor = torch.randn(2, 300)
     wire = encode_tensor(tensor, INT8)
     blocks = int8_blockwise.num_blocks(tensor.numel())
@@ -113,7 +144,7 @@ def test_int8_decode_is_exactly_code_times_abs_code_times_step():
     assert torch.equal(decode_tensor(wire).reshape(-1), expected)
 
 
-def test_int8_keeps_a_small_block_next_to_an_outlier_block():
+def test_int8_keeps_a_small_block_next_to_an_outlier_block(kernels):
     tensor = torch.cat([torch.full((256,), 1000.0), torch.linspace(-1e-3, 1e-3, 256)])
     decoded = decode_tensor(encode_tensor(tensor, INT8))
     assert torch.allclose(decoded[256:], tensor[256:], rtol=0, atol=1e-3 / 127)
@@ -121,7 +152,7 @@ def test_int8_keeps_a_small_block_next_to_an_outlier_block():
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_int8_rejects_nan_and_inf_naming_the_codec(bad, dtype):
+def test_int8_rejects_nan_and_inf_naming_the_codec(bad, dtype, kernels):
     tensor = torch.randn(3, 300).to(dtype)
     tensor[1, 100] = bad  # element 400: block 1
     with pytest.raises(ValueError, match=r"int8-blockwise.*NaN or inf \(block 1, elements 256\.\.511\)"):

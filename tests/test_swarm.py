@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from blockswarm.client import DistributedModelForCausalLM
 from blockswarm.dht import ServerState, get_block_servers
+from blockswarm.local_swarm import LocalSwarm
 from blockswarm.models import init_random_model
 
 
@@ -125,6 +126,40 @@ def test_int8_wire_on_every_hop_stays_close_to_lossless(model, compressed_model,
             f"(teacher-forced), greedy generation identical for {same_prefix}/32 tokens"
         )
     assert agreement >= 0.9
+
+
+def test_int8_wire_within_3_percent_on_a_model_with_transformers_default_init(tmp_path, capsys):
+    """The shared tiny model's weights are 5x transformers' default std, which makes it chaotic: each block grows a
+    perturbation of its input (0.7% after one 8-bit pass) by ~15%, so the test above measures the model as much as
+    the codec. With the default std (0.02, what `LlamaForCausalLM(config)` gives) hidden states stay within 3%."""
+    checkpoint = init_random_model(tmp_path / "default-init", preset="tiny", initializer_range=0.02)
+    input_ids = prompt(length=16, seed=8)
+    with LocalSwarm(checkpoint, tmp_path / "swarm") as swarm:
+        swarm.start_bootstrap()
+        for peer in [swarm.start_peer("--blocks", span, wait=False) for span in ("0:4", "4:8")]:
+            swarm.wait_peer(peer)
+        with (
+            DistributedModelForCausalLM.from_pretrained(checkpoint, swarm.initial_peers, codec="none") as exact_model,
+            DistributedModelForCausalLM.from_pretrained(checkpoint, swarm.initial_peers) as int8_model,
+            torch.no_grad(),
+        ):
+            assert [(hop.start, hop.end) for hop in int8_model.remote.router.wire(0, 8)] == [(0, 4), (4, 8)]
+            exact = exact_model.remote.forward(exact_model.ends.embed(input_ids))
+            compressed = int8_model.remote.forward(int8_model.ends.embed(input_ids))
+            error = ((compressed - exact).norm() / exact.norm()).item()
+            agreement = (
+                (exact_model.ends.logits(exact).argmax(-1) == int8_model.ends.logits(compressed).argmax(-1))
+                .float()
+                .mean()
+            )
+            generated = int8_model.generate(input_ids, max_new_tokens=8)
+    with capsys.disabled():
+        print(
+            f"\ndefault-init model, int8 on every hop: hidden-state error {error:.3%}, top-1 agreement {agreement:.1%}"
+        )
+    assert error <= 0.03
+    assert agreement >= 0.9
+    assert generated.shape == (1, 24)
 
 
 def test_client_with_another_architecture_under_the_same_name_is_refused(swarm, model, tmp_path):

@@ -21,20 +21,26 @@ square law keeps them, at almost no cost on Gaussian data, and needs only one sq
 to decode. Block 256 with bf16 steps beats block 512 with fp32 steps (half the blast radius of an outlier; rounding
 the step up costs < 0.4% of resolution); fp16 steps would underflow on small gradients.
 
-Decoding is q * |q| (exact in int16: at most 128**2) as fp32 times float(s): a single IEEE rounding, then a cast to the
-original dtype, so the same bytes decode bit-identically on every machine. NaN and inf are rejected with ValueError
-(one of them would poison its block's step); the lossless codecs carry them.
+Decoding is q * |q| * s in fp32, which is exact (at most 7 + 7 + 8 significant bits, and s is a normal float), then
+a cast to the original dtype: the same bytes decode to the same bits on every machine, whatever the order of the
+multiplications. NaN and inf are rejected with ValueError (one of them would poison its block's step); the lossless
+codecs carry them.
 
-Work runs in cache-sized chunks of blocks (one chunk for a CUDA tensor), one vectorized pass per op into reused
-buffers, so no large temporaries are allocated. Encoding takes |x| as x * sign(x), and one addcmul applies the sign and
-rounds: sign(x) * sqrt(|x| / s) + 1.5 * 2**23 is a float whose low mantissa byte is the two's-complement code (ties
-to even), the byte that the int32 -> int8 cast keeps. Decoding forms q * |q| with int16 numpy ops, then converts it to
-fp32 and multiplies by the step.
+On CPU, the fused C kernels of `int8_native.c` do this in one pass per block (built at install). CUDA tensors, and
+installs built without a C compiler, run the same math as torch ops: cache-sized chunks of blocks (one chunk for a
+CUDA tensor), one vectorized pass per op into reused buffers, so no large temporaries are allocated. Both give the
+same codes. The torch version takes |x| as x * sign(x), and one addcmul applies the sign and rounds:
+sign(x) * sqrt(|x| / s) + 1.5 * 2**23 is a float whose low mantissa byte is the two's-complement code (ties to
+even), the byte that the int32 -> int8 cast keeps. It decodes q * |q| with int16 numpy ops, then converts it to fp32
+and multiplies by the step.
 """
 
 from __future__ import annotations
 
+import ctypes
+import importlib.machinery
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -73,10 +79,66 @@ def _fit(buffer: _Buffer, rows: int, width: int) -> _Buffer:
     return buffer if buffer.shape[0] == rows and buffer.shape[1] == width else buffer[:rows, :width]
 
 
+def _load_native() -> ctypes.CDLL | None:
+    """The fused CPU kernels built from int8_native.c, or None when this install has no build of them."""
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = Path(__file__).with_name("_int8_native" + suffix)
+        if path.exists():
+            library = ctypes.CDLL(str(path))  # ctypes releases the GIL during each call
+            library.int8_blockwise_encode.restype = ctypes.c_int64
+            library.int8_blockwise_encode.argtypes = [
+                ctypes.c_void_p,
+                ctypes.c_int64,
+                ctypes.c_void_p,
+                ctypes.c_void_p,
+                ctypes.c_int,
+            ]
+            library.int8_blockwise_decode.restype = None
+            library.int8_blockwise_decode.argtypes = [
+                ctypes.c_void_p,
+                ctypes.c_void_p,
+                ctypes.c_int64,
+                ctypes.c_void_p,
+                ctypes.c_int,
+            ]
+            return library
+    return None
+
+
+_NATIVE = _load_native()
+
+
+def native_kernels() -> bool:
+    """Whether CPU tensors go through the fused C kernels (False: this install was built without a C compiler)."""
+    return _NATIVE is not None
+
+
 @torch.inference_mode()
 def quantize(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize floating-point `tensor` (any device): bf16 steps (one per block) and int8 codes, both on CPU."""
+    """Quantize floating-point `tensor` (any device): bf16 steps (one per block) and int8 codes, both on CPU.
+    Raises ValueError for NaN or inf."""
     flat = tensor.detach().reshape(-1)
+    if flat.device.type == "cpu" and _NATIVE is not None:
+        values = flat.to(torch.float32).contiguous()
+        steps = torch.empty(num_blocks(flat.numel()), dtype=torch.float32)
+        codes = _empty(flat.numel(), torch.int8)
+        bad = _NATIVE.int8_blockwise_encode(
+            values.data_ptr(), values.numel(), steps.data_ptr(), codes.data_ptr(), torch.get_num_threads()
+        )
+        if bad >= 0:
+            _reject_non_finite(bad, flat.numel())
+        return steps.to(torch.bfloat16), codes
+    return _quantize_with_torch(flat)
+
+
+def _reject_non_finite(block: int, numel: int) -> None:
+    raise ValueError(
+        f"codec 'int8-blockwise' cannot encode NaN or inf (block {block}, elements {block * BLOCK_SIZE}.."
+        f"{min((block + 1) * BLOCK_SIZE, numel) - 1}); send such tensors with a lossless codec such as 'none'"
+    )
+
+
+def _quantize_with_torch(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     numel, device = flat.numel(), flat.device
     chunk = _CPU_CHUNK_BLOCKS if device.type == "cpu" else max(1, num_blocks(numel))
     shape = (min(chunk, num_blocks(numel)), min(BLOCK_SIZE, numel))
@@ -102,11 +164,7 @@ def quantize(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         codes[lo : lo + rows * width].view(rows, width).copy_(rounded.view(torch.int32))  # the low byte: the code
     finite = torch.isfinite(steps)  # NaN or inf anywhere makes its block's step NaN or inf
     if not finite.all():
-        bad = int((~finite).nonzero()[0, 0])
-        raise ValueError(
-            f"codec 'int8-blockwise' cannot encode NaN or inf (block {bad}, elements {bad * BLOCK_SIZE}.."
-            f"{min((bad + 1) * BLOCK_SIZE, numel) - 1}); send such tensors with a lossless codec such as 'none'"
-        )
+        _reject_non_finite(int((~finite).nonzero()[0, 0]), numel)
     return steps.view(-1).to(device="cpu", dtype=torch.bfloat16), codes.cpu()
 
 
@@ -114,6 +172,17 @@ def quantize(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize(steps: torch.Tensor, codes: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     """Flat CPU tensor of `dtype` from fp32 `steps` (bf16 values, finite, >= 0) and int8 `codes` (may be a read-only
     view of the received bytes): code * |code| * step."""
+    if _NATIVE is not None:
+        steps = steps.contiguous()
+        values = _empty(codes.size, torch.float32)
+        _NATIVE.int8_blockwise_decode(
+            steps.data_ptr(), codes.ctypes.data, codes.size, values.data_ptr(), torch.get_num_threads()
+        )
+        return values if dtype == torch.float32 else values.to(dtype)
+    return _dequantize_with_torch(steps, codes, dtype)
+
+
+def _dequantize_with_torch(steps: torch.Tensor, codes: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     numel = codes.size
     out = _empty(numel, dtype)
     shape = (min(_CPU_CHUNK_BLOCKS, num_blocks(numel)), min(BLOCK_SIZE, numel))

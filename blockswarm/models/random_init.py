@@ -68,11 +68,13 @@ def init_random_model(
     family: str = "llama",
     seed: int = 0,
     max_shard_size: str | None = None,
+    initializer_range: float = INITIALIZER_RANGE,
 ) -> Path:
     """Write a random `family` model of size `preset` and a byte-level BPE tokenizer to `out_dir`; return it.
 
     The same (preset, family, seed) always gives the same weights. `max_shard_size` (e.g. "2MB") splits the
-    weights into several safetensors shards with an index.
+    weights into several safetensors shards with an index. `initializer_range` is the std of the random weights
+    (transformers' own default is 0.02).
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
@@ -81,7 +83,7 @@ def init_random_model(
     from transformers import AutoModelForCausalLM
 
     out_dir = Path(out_dir)
-    config = random_model_config(preset, family)
+    config = random_model_config(preset, family, initializer_range)
     with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
@@ -91,7 +93,7 @@ def init_random_model(
     return out_dir
 
 
-def random_model_config(preset: str, family: str):
+def random_model_config(preset: str, family: str, initializer_range: float = INITIALIZER_RANGE):
     """The transformers config that `init_random_model` uses (cheap: no weights)."""
     from transformers import AutoConfig
 
@@ -101,7 +103,7 @@ def random_model_config(preset: str, family: str):
         **sizes,
         **FAMILIES[family],
         head_dim=sizes["hidden_size"] // sizes["num_attention_heads"],
-        initializer_range=INITIALIZER_RANGE,
+        initializer_range=initializer_range,
         unk_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
