@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install browser demo test soak lint format bench clean
+.PHONY: install browser demo test lint format bench clean
 
 install: $(STAMP)
 
@@ -40,9 +40,6 @@ lint: install
 format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
-
-soak: install
-	$(BIN)/python -m pytest -m soak
 
 bench: install
 	$(BIN)/python bench/generate.py --preset tiny

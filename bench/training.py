@@ -2,9 +2,12 @@
 
 Tiny preset, a bootstrap node and 4 `run-server --train` peers on loopback. Both runs train the transformer
 blocks (the embeddings and head stay frozen) with Adam on the same micro-batches of the same learnable token
-sequences, one optimizer step per `--target-batch-size` samples. Final losses are measured on the training
-sequences after the last step. Wire bytes count every activation and gradient the trainer sends and receives:
-as they travel (int8-blockwise) and as fp32 would.
+sequences, one optimizer step per `--target-batch-size` samples: the swarm's trainer waits for the stages' step
+after each batch (`wait_for_stage_steps`), and the JSON reports each peer's step count. Final losses are measured
+on the training sequences after the last step: the swarm's trained blocks exactly (codec none, as the local
+blocks are read), and also through the run's wire (`swarm_final_loss_through_wire`). Wire bytes count every
+activation and gradient the trainer sends and receives: as they travel (`--codec`, int8-blockwise by default) and
+as fp32 would.
 """
 
 from __future__ import annotations
@@ -106,7 +109,7 @@ class WireCounter:
         return self.compressed + sum(r[0] for r in received), self.uncompressed + sum(r[1] for r in received)
 
 
-def train_on_swarm(model_dir: Path, work: Path, steps: int, accumulation: int, lr: float) -> dict:
+def train_on_swarm(model_dir: Path, work: Path, steps: int, accumulation: int, lr: float, codec: str) -> dict:
     target = accumulation * MICRO_BATCH
     with LocalSwarm(model_dir, work / "logs") as swarm:
         swarm.start_bootstrap()
@@ -116,19 +119,29 @@ def train_on_swarm(model_dir: Path, work: Path, steps: int, accumulation: int, l
         with (
             WireCounter() as counter,
             DistributedModelForCausalLM.from_pretrained(
-                model_dir, swarm.initial_peers, swarm_training=True, step_timeout=60
+                model_dir, swarm.initial_peers, codec=codec, swarm_training=True, step_timeout=60
             ) as model,
         ):
             began = time.perf_counter()
             for index in range(steps * accumulation):
-                (lm_loss(model(micro_batch(index)), micro_batch(index)) / accumulation).backward()
+                # unscaled: each stage averages its micro-batches' gradients (by samples) into one step
+                lm_loss(model(micro_batch(index)), micro_batch(index)).backward()
+                if (index + 1) % accumulation == 0:
+                    model.remote.wait_for_stage_steps()  # one step per batch, as local training does
             samples = steps * accumulation * MICRO_BATCH
             samples_per_s = samples / (time.perf_counter() - began)
             compressed, uncompressed = (total / samples for total in counter.totals())
-            time.sleep(5)  # let the stages finish their last steps before measuring
-            final_loss = evaluate(model)
+            wire_loss = evaluate(model)
+            stage_steps = sorted(model.remote.stage_steps().values())
+        # the trained blocks, read exactly (as the local run's are), not through the 8-bit wire
+        with DistributedModelForCausalLM.from_pretrained(
+            model_dir, swarm.initial_peers, codec="none", swarm_training=True, step_timeout=60
+        ) as exact:
+            final_loss = evaluate(exact)
     return dict(
+        stage_steps=stage_steps,
         swarm_final_loss=final_loss,
+        swarm_final_loss_through_wire=wire_loss,
         swarm_samples_per_s=samples_per_s,
         compressed_wire_bytes_per_sample=compressed,
         uncompressed_wire_bytes_per_sample=uncompressed,
@@ -140,6 +153,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps")
     parser.add_argument("--target-batch-size", type=int, default=8, help="samples per optimizer step")
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--codec", default="int8-blockwise", help="wire codec of the swarm run ('none': exact)")
     args = parser.parse_args()
     if args.target_batch_size % MICRO_BATCH:
         parser.error(f"--target-batch-size must be a multiple of the micro-batch size {MICRO_BATCH}")
@@ -149,19 +163,22 @@ def main() -> None:
     model_dir = init_random_model(work / "tiny", preset="tiny")
     initial_loss, _ = train_locally(model_dir, 0, accumulation, args.lr)
     local_loss, local_rate = train_locally(model_dir, args.steps, accumulation, args.lr)
-    swarm = train_on_swarm(model_dir, work, args.steps, accumulation, args.lr)
+    swarm = train_on_swarm(model_dir, work, args.steps, accumulation, args.lr, args.codec)
     print(f"loss: initial {initial_loss:.4f}, local {local_loss:.4f}, swarm {swarm['swarm_final_loss']:.4f}")
     result = {
         "preset": "tiny",
+        "codec": args.codec,
         "samples": args.steps * args.target_batch_size,
         "initial_loss": round(initial_loss, 4),
         "local_final_loss": round(local_loss, 4),
         "swarm_final_loss": round(swarm["swarm_final_loss"], 4),
+        "swarm_final_loss_through_wire": round(swarm["swarm_final_loss_through_wire"], 4),
         "loss_gap_rel": round(abs(swarm["swarm_final_loss"] - local_loss) / local_loss, 4),
         "swarm_samples_per_s": round(swarm["swarm_samples_per_s"], 2),
         "local_samples_per_s": round(local_rate, 2),
         "compressed_wire_bytes_per_sample": round(swarm["compressed_wire_bytes_per_sample"]),
         "uncompressed_wire_bytes_per_sample": round(swarm["uncompressed_wire_bytes_per_sample"]),
+        "stage_steps_per_peer": swarm["stage_steps"],
     }
     print(json.dumps(result))
 

@@ -60,6 +60,7 @@ def main() -> None:
                 loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten())
                 loss.backward()  # the peers learn; each stage steps once it has seen its target batch size
                 print(f"micro-batch {index:3d}  loss {loss.item():.4f}", flush=True)
+            print(f"optimizer steps per training peer: {model.remote.stage_steps()}")
     # the peers saved their spans on exit; where several files cover a block, reassemble takes the newest step
     spans = sorted((out / "spans").glob("blocks_*.safetensors"))
     if spans:

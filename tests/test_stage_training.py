@@ -44,7 +44,7 @@ def _train_until_next_epoch(optimizer: StageOptimizer, module: nn.Module, peer: 
             module(inputs).pow(2).mean().backward()
             optimizer.step(BATCH)
             assert all(param.grad is None for param in module.parameters())
-            time.sleep(0.2)  # a realistic micro-batch rate: hivemind estimates when the stage will be done from it
+            time.sleep(0.2)  # a realistic micro-batch rate
     except BaseException as error:
         errors.append(error)
 
@@ -102,6 +102,73 @@ def test_stage_mates_average_gradients_and_a_late_peer_loads_their_state(monkeyp
         optimizers.append(alone)
         assert not alone.load_state_from_peers()  # nobody serves that stage
         assert alone.epoch == 0
+    finally:
+        for optimizer in optimizers:
+            optimizer.shutdown()
+        for dht in dhts:
+            dht.shutdown()
+
+
+def _micro_batch_grads(module: nn.Module, seed: int) -> list[torch.Tensor]:
+    inputs = torch.randn(BATCH, 16, generator=torch.Generator().manual_seed(seed))
+    module(inputs).pow(2).mean().backward()
+    grads = [param.grad.clone() for param in module.parameters()]
+    module.zero_grad(set_to_none=True)
+    return grads
+
+
+def _wait_for_epoch(optimizers: list[StageOptimizer], epoch: int, timeout: float = 40.0) -> None:
+    deadline = time.monotonic() + timeout
+    while any(optimizer.epoch < epoch for optimizer in optimizers):
+        assert time.monotonic() < deadline, f"epochs {[optimizer.epoch for optimizer in optimizers]}, not {epoch}"
+        time.sleep(0.1)
+
+
+def test_stage_steps_are_local_adam_steps_on_the_batch_mean(monkeypatch):
+    """Whichever stage-mates get the micro-batches, each step is the step that local Adam takes on the batch's mean
+    gradient: only samples end an epoch (a trainer may pause as long as it likes), a mate without micro-batches
+    takes the step too, and a mate that joined late (loading the stage's state) steps like the others."""
+    options = StageTrainingOptions(learning_rate=1e-2, target_batch_size=2 * BATCH, matchmaking_time=2.0)
+    torch.manual_seed(0)
+    reference = nn.Linear(16, 8)
+    reference_optimizer = torch.optim.Adam(reference.parameters(), lr=options.learning_rate)
+    modules = [copy.deepcopy(reference), nn.Linear(16, 8)]  # the second one joins late, with other weights
+    dhts, optimizers = [], []
+
+    def add_peer(module: nn.Module) -> StageOptimizer:
+        dhts.append(DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=initial_peers))
+        _new_peer_identity(monkeypatch)
+        optimizers.append(StageOptimizer(dhts[-1], stage_run_id("tiny", 0, 1), list(module.parameters()), options))
+        return optimizers[-1]
+
+    def batch(epoch: int, peers: list[int], pause: float = 0.0) -> None:
+        reference_optimizer.zero_grad()
+        grads = []
+        for index, peer in enumerate(peers):
+            optimizers[peer].submit(_micro_batch_grads(modules[peer], seed=10 * epoch + index), BATCH)
+            grads.append(_micro_batch_grads(reference, seed=10 * epoch + index))
+            if pause and index == 0:
+                time.sleep(pause)  # half a batch, then a pause: no step
+                assert [optimizer.epoch for optimizer in optimizers] == [epoch] * len(optimizers)
+        for parameter, *micro_batch_grads in zip(reference.parameters(), *grads):
+            parameter.grad = sum(micro_batch_grads) / len(micro_batch_grads)
+        reference_optimizer.step()
+        _wait_for_epoch(optimizers, epoch + 1)
+        for peer, module in enumerate(modules):
+            for name, value in module.state_dict().items():
+                expected = reference.state_dict()[name]
+                assert torch.allclose(value, expected, atol=1e-6), f"step {epoch + 1}: peer {peer}'s {name} is off"
+
+    try:
+        dhts.append(DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"]))
+        initial_peers = [str(maddr) for maddr in dhts[0].get_visible_maddrs()]
+        add_peer(modules[0])
+        assert add_peer(modules[1]).load_state_from_peers()
+        time.sleep(1)  # both have published their progress: neither steps alone
+
+        batch(0, [0, 0], pause=3.0)
+        for epoch, peers in enumerate(([1, 1], [1, 0]), start=1):
+            batch(epoch, peers)
     finally:
         for optimizer in optimizers:
             optimizer.shutdown()

@@ -198,3 +198,9 @@ def test_sigterm_marks_peer_offline(swarm, model):
         time.sleep(0.2)
     model.remote.view.refresh()
     assert torch.equal(model.generate(prompt(), max_new_tokens=4), model.generate(prompt(), max_new_tokens=4))
+
+
+def test_only_swarm_trainers_wait_for_stage_steps(model):
+    with pytest.raises(RuntimeError, match="swarm_training=True"):
+        model.remote.wait_for_stage_steps()
+    assert model.remote.stage_steps() == {}  # frozen peers report no stage steps

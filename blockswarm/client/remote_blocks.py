@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 
 import torch
 from hivemind.dht import DHT
@@ -21,6 +22,7 @@ from blockswarm.routing.router import SwarmRouter
 from blockswarm.routing.swarm_view import SwarmView
 from blockswarm.wire.adapters import AdapterTensors
 from blockswarm.wire.messages import AdapterSpec
+from blockswarm.wire.ping import request_status
 
 
 class RemoteBlocks:
@@ -60,6 +62,7 @@ class RemoteBlocks:
         self.router = SwarmRouter(self.view)
         self.chain = Chain(self.p2p, self.router, codec, step_timeout, self.retry_policy, train=swarm_training)
         self.show_route = show_route
+        self._steps_before: dict[PeerID, int] | None = None  # training peers' steps when this batch began
         self._pinging = asyncio.run_coroutine_threadsafe(self._ping_forever(), self.loop.loop)
 
     async def _ping_forever(self) -> None:
@@ -73,9 +76,55 @@ class RemoteBlocks:
     ) -> torch.Tensor:
         """Hidden states through every block; differentiable w.r.t. `hidden` and the adapter's tensors (wire order,
         covering every block)."""
-        if self.chain.train and torch.is_grad_enabled() and not hidden.requires_grad:
-            hidden = hidden.detach().requires_grad_(True)  # a trainer's backward must reach the peers' blocks
+        if self.chain.train and torch.is_grad_enabled():
+            if not hidden.requires_grad:
+                hidden = hidden.detach().requires_grad_(True)  # a trainer's backward must reach the peers' blocks
+            if self._steps_before is None:
+                self._steps_before = self.loop.run(self._training_steps())
         return _RemoteBlocksFunction.apply(hidden, self, adapter_spec, *adapter_tensors)
+
+    def wait_for_stage_steps(self, timeout: float = 120.0) -> None:
+        """Block until every training peer has stepped since this batch began (when the previous call returned, or
+        at this trainer's first training forward), so that the next micro-batch meets the updated blocks.
+
+        SWARM trainers usually never wait: stages step on their own while micro-batches keep coming, computed on
+        parameters up to a step old. A trainer that wants one step per batch, as in local training, sends each
+        stage's target batch size of samples and then calls this. Raises TimeoutError naming the peers that did not
+        step within `timeout` seconds.
+        """
+        if not self.chain.train:
+            raise RuntimeError("wait_for_stage_steps is for SWARM trainers: load the model with swarm_training=True")
+        self.loop.run(self._wait_for_stage_steps(timeout))
+
+    def stage_steps(self) -> dict[str, int]:
+        """Optimizer steps of each reachable training peer's stage, by peer id."""
+        return {peer.to_base58(): step for peer, step in self.loop.run(self._training_steps()).items()}
+
+    async def _wait_for_stage_steps(self, timeout: float) -> None:
+        before, deadline = self._steps_before or {}, time.monotonic() + timeout
+        while True:
+            steps = await self._training_steps()
+            behind = [peer for peer, step in before.items() if steps.get(peer, step + 1) <= step]
+            if not behind:
+                self._steps_before = steps
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"training peers {', '.join(peer.to_base58() for peer in behind)} made no optimizer step within "
+                    f"{timeout} s; a stage steps once its peers together have processed its target batch size "
+                    "(run-server --target-batch-size), so send that many samples before waiting"
+                )
+            await asyncio.sleep(0.1)
+
+    async def _training_steps(self) -> dict[PeerID, int]:
+        """Each reachable training peer's stage step count (a peer that does not answer is left out)."""
+        peers = sorted({peer for block in self.view.usable_blocks() for peer in block}, key=str)
+        replies = await asyncio.gather(*(request_status(self.p2p, peer) for peer in peers), return_exceptions=True)
+        return {
+            peer: reply.training_step
+            for peer, reply in zip(peers, replies)
+            if not isinstance(reply, BaseException) and reply.training_step is not None
+        }
 
     def open_session(self, max_length: int, batch_size: int, adapter: AdapterTensors | None = None) -> InferenceSession:
         session = InferenceSession(

@@ -251,6 +251,7 @@ class Server:
             dtype=str(self.dtype).removeprefix("torch."),
             quant=self.options.quant,
             codecs=sorted(CODECS),
+            training_step=None if self.stage is None else self.stage.epoch,
         )
 
     def _announce(

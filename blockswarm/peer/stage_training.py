@@ -9,6 +9,7 @@ parameters and optimizer state from a stage-mate.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import hashlib
 import logging
@@ -26,11 +27,14 @@ from hivemind.averaging import DecentralizedAverager
 from hivemind.dht import DHT
 from hivemind.optim import Optimizer
 from hivemind.optim.grad_averager import GradientAverager
+from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.optim.state_averager import TrainingStateAverager
+from hivemind.utils import get_dht_time
 
 logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+_IDLE_CHECK_PERIOD = 0.2  # seconds between checks, while no micro-batch comes, whether the stage is stepping
 
 # hivemind forbids "." in averager prefixes and puts the run id into DHT keys and p2p handler names
 _UNSAFE_RUN_ID_CHARS = re.compile(r"[^A-Za-z0-9_-]")
@@ -77,8 +81,10 @@ class StageOptimizer:
     `parameters_lock`. Calls are serialized by a lock of their own, but `param.grad` is shared: a caller of `step`
     that fills it must not run the backward pass of one micro-batch while `step` is handling another.
 
-    A peer uses `submit`: its reply to the trainer must not wait for an averaging round, because the stage-mate
-    only joins the round once it gets a micro-batch of its own, which a trainer waiting for that reply never sends.
+    A peer uses `submit`: its reply to the trainer must not wait for an averaging round, which the trainer's later
+    micro-batches may be needed to complete. While no micro-batch comes, the worker thread follows the stage: it
+    joins a step that its stage-mates' samples complete (with its own gradients, or none), and loads the stage's
+    state when it fell behind, so the copies step together whichever peers the trainers picked.
 
     hivemind publishes each peer's progress in DHT records signed with its process-wide RSA key: the DHT's
     RSASignatureValidator must use that key too (`make_validators()` without an identity does), or the records are
@@ -110,6 +116,10 @@ class StageOptimizer:
             params=parameters,
             matchmaking_time=options.matchmaking_time,
             averaging_timeout=options.averaging_timeout,
+            # hivemind drops a stage-mate from an all-reduce when its next chunk is late by this much (by default the
+            # matchmaking time): the two copies then average different parts and drift apart. On busy CPUs chunks
+            # are late often, so only a peer that is most likely gone is dropped.
+            next_chunk_timeout=options.averaging_timeout / 2,
             load_state_timeout=options.load_state_timeout,
             # hivemind warns that matchmaking can deadlock unless requests time out sooner than matchmaking ends
             averager_opts=dict(request_timeout=min(3.0, options.matchmaking_time / 2)),
@@ -119,12 +129,14 @@ class StageOptimizer:
             # average parameters with the stage-mates right after each step, not in the background: a delayed
             # average is applied a step late and keeps the copies apart
             delay_state_averaging=False,
-            # and Adam's moments with them: copies that once stepped apart (a missed round) would otherwise keep
-            # taking different steps from the same averaged gradients
-            average_opt_statistics=("exp_avg", "exp_avg_sq"),
+            # but not Adam's moments: hivemind averages the moment tensors it found at start, and a peer that loads
+            # the stage's state gets new ones, so its mates would average with stale zeros (halving their moments).
+            # Copies that take every step on the same averaged gradients keep equal moments anyway, and a peer that
+            # missed a step loads the whole state, moments included.
             verbose=False,
         )
         self._parameters = parameters
+        self._epoch = 0  # hivemind counts a step before its averaged parameters are written; this counts after
         self.on_step: Callable[[int], None] | None = None  # called with the new epoch after each `submit`ted step
         self._submitted: queue.SimpleQueue = queue.SimpleQueue()
         self._worker = threading.Thread(target=self._step_submitted, name="blockswarm-stage-optimizer", daemon=True)
@@ -141,6 +153,7 @@ class StageOptimizer:
             averager.received_epoch = None
             epoch_before = self.epoch
             self._optimizer.load_state_from_peers()
+            self._epoch = self._optimizer.local_epoch
             # hivemind refuses (silently) a state from a stage-mate that is behind us
             return averager.received_epoch is not None and averager.received_epoch >= epoch_before
 
@@ -151,15 +164,37 @@ class StageOptimizer:
         self._submitted.put((grads, batch_size))
 
     def _step_submitted(self) -> None:
-        while (item := self._submitted.get()) is not None:
-            grads, batch_size = item
+        while True:
+            try:
+                item = self._submitted.get(timeout=_IDLE_CHECK_PERIOD)
+            except queue.Empty:
+                item = ()
+            if item is None:
+                return
             try:
                 epoch = self.epoch
-                self.step(batch_size, grads)
+                if item:
+                    grads, batch_size = item
+                    self.step(batch_size, grads)
+                else:
+                    self.follow_stage()
                 if self.epoch != epoch and self.on_step is not None:
                     self.on_step(self.epoch)
             except Exception:
-                logger.exception("the stage optimizer failed on a micro-batch; its gradients are lost")
+                logger.exception("the stage optimizer failed; gradients accumulated for this step may be lost")
+
+    def follow_stage(self) -> None:
+        """Without new gradients: take part in the stage's step once its stage-mates' samples complete the batch
+        (contributing what this peer accumulated, possibly nothing), or load the stage's state if this peer fell
+        behind. hivemind does both only inside `step`, which a peer that gets no micro-batch never calls."""
+        with self._lock:
+            optimizer = self._optimizer
+            # private to hivemind 1.1.12 (pinned): the two checks and the epoch update that its `step` runs
+            if optimizer._should_load_state_from_peers():
+                optimizer.load_state_from_peers()
+            elif optimizer.tracker.ready_to_update_epoch:
+                optimizer._update_global_epoch(grad_scaler=None)
+            self._epoch = optimizer.local_epoch
 
     def step(self, batch_size: int, grads: list[torch.Tensor] | None = None) -> None:
         """Hand over the gradients of one micro-batch of `batch_size` samples (`grads`, or else those in
@@ -180,11 +215,12 @@ class StageOptimizer:
             finally:
                 # hivemind copies param.grad into its own accumulators and leaves it as is
                 self._optimizer.zero_grad(set_to_none=True)
+                self._epoch = self._optimizer.local_epoch
 
     @property
     def epoch(self) -> int:
-        """How many optimizer steps the stage has made (as far as this peer knows)."""
-        return self._optimizer.local_epoch
+        """How many optimizer steps the stage has made (as far as this peer knows), with their parameters in place."""
+        return self._epoch
 
     def shutdown(self) -> None:
         """Finish the submitted micro-batches, say goodbye to stage-mates, stop the averager processes (idempotent)."""
@@ -235,19 +271,68 @@ class _StateAverager(TrainingStateAverager, _ReceivedStateRecorder, _DiesWithPee
     (optimizer steps, averaged state, downloaded state) goes through `_apply_optimizer_parameters_`: holding the
     peer's parameter lock there keeps them from changing under a forward or backward pass, while matchmaking and
     all-reduce still run unlocked.
+
+    hivemind creates the optimizer's state with a step on zero gradients, which Adam counts: every real step then
+    used the bias correction of the step after it (the first update was 0.74 of Adam's). The count starts at 0 here.
     """
 
     def __init__(self, *, parameters_lock: threading.Lock, **kwargs):
         self.parameters_lock = parameters_lock
         super().__init__(**kwargs)
+        for state in self.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"].zero_()
+            elif "step" in state:
+                state["step"] = 0
 
     def _apply_optimizer_parameters_(self):
         with self.parameters_lock:
             super()._apply_optimizer_parameters_()
 
 
+class _SampleCountingTracker(ProgressTracker):
+    """hivemind's progress tracker, with two changes for stages whose peers get micro-batches unevenly.
+
+    hivemind ends an epoch when the stage has `target_batch_size` samples *or* when a time it extrapolates from
+    the stage's recent speed has passed. A trainer that waits for each step before its next batch makes that speed
+    meaningless, and steps would then come with part of a batch. Here an epoch ends on samples alone; samples that a
+    dead peer reported still count until its record expires.
+
+    hivemind's reporter also stays silent until a peer has samples: a stage-mate that got no micro-batch is invisible,
+    and a peer that sees no mate steps alone and skips the averaging. Here every peer publishes its progress.
+    """
+
+    @property
+    def ready_to_update_epoch(self) -> bool:
+        return (
+            self.global_epoch > self.local_progress.epoch
+            or self.global_progress.samples_accumulated >= self.target_batch_size
+        )
+
+    async def _progress_reporter(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self.shutdown_triggered.is_set():  # `shutdown` removes the record
+            self.should_report_progress.clear()
+            stored_at = get_dht_time()
+            try:
+                await asyncio.wait_for(
+                    self.dht.store(
+                        key=self.training_progress_key,
+                        subkey=self._local_public_key,
+                        value=self.local_progress.dict(),
+                        expiration_time=stored_at + self.metadata_expiration,
+                        return_future=True,
+                    ),
+                    timeout=self.metadata_expiration,
+                )
+            except (TimeoutError, OSError) as error:  # the next report tries again
+                logger.debug("could not publish the stage progress: %s", error)
+            await loop.run_in_executor(None, self.should_report_progress.wait, self.metadata_expiration / 2)
+
+
 class _HivemindOptimizer(Optimizer):
-    """hivemind.Optimizer with a `_StateAverager`; the arguments mirror hivemind 1.1.12's `_make_state_averager`."""
+    """hivemind.Optimizer with a `_StateAverager` and a `_SampleCountingTracker`; the arguments mirror hivemind
+    1.1.12's `_make_state_averager` and `_make_progress_tracker`."""
 
     def __init__(self, *, parameters_lock: threading.Lock, **kwargs):
         self._parameters_lock = parameters_lock
@@ -270,3 +355,29 @@ class _HivemindOptimizer(Optimizer):
             start=True,
             **kwargs,
         )
+
+    def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> ProgressTracker:
+        return _SampleCountingTracker(
+            dht=self.dht,
+            prefix=self.run_id,
+            target_batch_size=target_batch_size,
+            client_mode=self.client_mode,
+            status_loglevel=self.status_loglevel,
+            start=True,
+            **kwargs,
+        )
+
+    def _maybe_schedule_gradient_averaging(self) -> None:
+        """Books no round ahead. hivemind books one at a time it extrapolates from the sample rate, while a
+        stage-mate that follows the stage without micro-batches (`StageOptimizer.follow_stage`) starts looking when
+        the batch is complete: the two would wait in different rounds until the averaging timeout. Every peer starts
+        matchmaking when it steps instead."""
+
+    def _maybe_schedule_state_averaging(self) -> None:
+        """Books no round ahead, for the reason given in `_maybe_schedule_gradient_averaging`."""
+
+    def _begin_averaging_gradients(self, grad_scaler) -> bool:
+        # hivemind keeps the previous step's (spent) round in `scheduled_grads` until it books the next one; with no
+        # booking, it would take that spent round as "used elsewhere" and skip averaging on every other step
+        self.scheduled_grads = None
+        return super()._begin_averaging_gradients(grad_scaler)

@@ -90,3 +90,4 @@ class PeerStatus(Message):
     max_batch_tokens: int
     max_session_length: int
     session_timeout: float
+    training_step: int | None = None  # optimizer steps its SWARM stage has made; None for a frozen peer
