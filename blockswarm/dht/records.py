@@ -70,7 +70,6 @@ class ServerInfo(_WireRecord):
     using_relay: bool = False
     next_pings: dict[str, float] = Field(default_factory=dict, max_length=256)
     training: bool = False  # started with --train: its blocks learn from SWARM trainers' backward passes
-    training_step: int | None = Field(default=None, ge=0)  # its stage's optimizer steps when it announced
 
     @model_validator(mode="after")
     def _check(self) -> ServerInfo:

@@ -271,7 +271,8 @@ class Server:
             public_name=self.options.public_name,
             next_pings={peer.to_base58(): rtt for peer, rtt in self.next_pings.snapshot().items()},
             training=self.options.train,
-            **{k: v for k, v in self._status().items() if k != "state"},
+            # a stage's step count changes every few seconds, far more often than records: trainers ask `info`
+            **{k: v for k, v in self._status().items() if k not in ("state", "training_step")},
         )
         if not announce_server(dht, self.model_name, info, public_key, expiration):
             logger.warning("could not store this peer's record on the DHT; will retry")
