@@ -2,8 +2,8 @@
 
 An 80-block model; 300 peers with heavy-tailed throughputs (Pareto, alpha 1.5) and spans of 4-40 blocks join in
 random order, each taking the window `choose_span_start` picks from the records of the peers before it. The
-peers then run their periodic rebalancing (`choose_move`, in random order, until a round moves nobody). Then
-30% leave at random and the survivors rebalance the same way.
+peers then rebalance as they do periodically: the one peer `choose_mover` names moves, until it names nobody.
+Then 30% leave at random and the survivors rebalance the same way.
 
 The bottleneck is the weakest block's total throughput. Its ratio is taken against an upper bound from an LP
 relaxation: each peer may split itself fractionally over all windows of its span length, maximizing the
@@ -26,7 +26,7 @@ from scipy.optimize import linprog
 from scipy.sparse import lil_matrix
 
 from blockswarm.dht import ServerInfo, ServerState
-from blockswarm.peer.block_selection import block_coverage, bottleneck, choose_move, choose_span_start
+from blockswarm.peer.block_selection import block_coverage, choose_mover, choose_span_start
 from blockswarm.routing.route import min_latency_route
 
 NUM_BLOCKS = 80
@@ -41,7 +41,11 @@ class SimPeer:
 
     def record(self) -> ServerInfo:
         return ServerInfo(
-            state=ServerState.ONLINE, start=self.start, end=self.start + self.span_length, throughput=self.throughput
+            state=ServerState.ONLINE,
+            start=self.start,
+            end=self.start + self.span_length,
+            throughput=self.throughput,
+            balancing=True,
         )
 
 
@@ -54,21 +58,15 @@ def records(peers: list[SimPeer]) -> list[dict[PeerID, ServerInfo]]:
     return blocks
 
 
-def rebalance(peers: list[SimPeer], rng: random.Random, max_rounds: int = 20) -> int:
-    """Rounds of every peer checking whether to move, as the peers do periodically; returns the moves made."""
-    moves = 0
-    for _ in range(max_rounds):
-        moved = 0
-        for peer in rng.sample(peers, len(peers)):
-            coverage = block_coverage(records(peers), exclude=[peer.peer_id])
-            new_start = choose_move(coverage, (peer.start, peer.start + peer.span_length), peer.throughput)
-            if new_start is not None:
-                peer.start = new_start
-                moved += 1
-        moves += moved
-        if not moved:
-            break
-    return moves
+def rebalance(peers: list[SimPeer], max_moves: int = 1000) -> int:
+    """Moves made until the chosen mover is nobody, as the peers' periodic checks would make them."""
+    by_id = {peer.peer_id: peer for peer in peers}
+    for moves in range(max_moves):
+        mover = choose_mover(records(peers))
+        if mover is None:
+            return moves
+        by_id[mover[0]].start = mover[1]
+    raise RuntimeError(f"rebalancing did not settle within {max_moves} moves")
 
 
 def lp_bound(peers: list[SimPeer]) -> float:
@@ -137,12 +135,12 @@ def main() -> None:
         peer = SimPeer(PeerID(f"peer-{n}".encode()), 100 * rng.paretovariate(1.5), rng.randint(4, 40))
         peer.start = choose_span_start(block_coverage(records(peers)), peer.span_length)
         peers.append(peer)
-    join_moves = rebalance(peers, rng)
-    after_join = bottleneck(block_coverage(records(peers))) / lp_bound(peers)
+    join_moves = rebalance(peers)
+    after_join = min(block_coverage(records(peers))) / lp_bound(peers)
 
     survivors = rng.sample(peers, round(len(peers) * (1 - args.leave)))
-    churn_moves = rebalance(survivors, rng)
-    after_churn = bottleneck(block_coverage(records(survivors))) / lp_bound(survivors)
+    churn_moves = rebalance(survivors)
+    after_churn = min(block_coverage(records(survivors))) / lp_bound(survivors)
 
     result = {
         "bottleneck_ratio_after_join": round(after_join, 4),

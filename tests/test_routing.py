@@ -9,7 +9,7 @@ import pytest
 from hivemind.p2p import PeerID
 
 from blockswarm.dht import ServerInfo, ServerState
-from blockswarm.peer.block_selection import block_coverage, choose_span_start
+from blockswarm.peer.block_selection import block_coverage, choose_move, choose_mover, choose_span_start
 from blockswarm.pipeline.hops import NoRouteError
 from blockswarm.routing.route import StochasticWiring, min_latency_route, wired_route
 from blockswarm.routing.swarm_view import usable_peers
@@ -121,3 +121,37 @@ def test_new_peer_takes_the_weakest_window():
     assert block_coverage(offline) == [0] * 8
     with pytest.raises(ValueError, match="cannot serve 9 blocks"):
         choose_span_start(coverage, 9)
+
+
+def test_a_move_lifts_the_weakest_blocks_it_can_and_only_by_a_clear_margin():
+    # two weak regions: no single move lifts the bottleneck, but this peer takes one of them
+    assert choose_move([10, 10, 30, 30, 10, 10, 30, 30], (6, 8), 10.0) == 0
+    # 29 -> 30 is a tenth of this peer's throughput: not worth draining and reloading for
+    assert choose_move([29, 29, 30, 30, 30, 30, 30, 30], (6, 8), 10.0) is None
+    assert choose_move([29, 29, 30, 30, 30, 30, 30, 30], (6, 8), 10.0, min_gain=0.05) == 0
+    # leaving block 6 would uncover it, however much the move helps blocks 0:2
+    assert choose_move([0, 0, 30, 30, 30, 30, 0, 30], (5, 7), 10.0) is None
+
+
+def test_exactly_one_peer_leaves_shared_blocks_for_a_gap():
+    spans = {0: (0, 6), 1: (0, 6), 2: (4, 10)}  # blocks 10:16 lost their only peer
+    balancing = {n: {"balancing": True} for n in spans}
+    blocks = view(spans, 16, fields=balancing)
+    # each of peers 0 and 1, deciding alone, would move there, and both leaving would uncover blocks 0:4
+    assert choose_move(block_coverage(blocks, exclude=[peer(0)]), (0, 6), 1.0) == 10
+    assert choose_move(block_coverage(blocks, exclude=[peer(1)]), (0, 6), 1.0) == 10
+
+    mover = choose_mover(blocks)
+    assert mover == (peer(0), 10) if str(peer(0)) < str(peer(1)) else (peer(1), 10)
+    reordered = view(dict(reversed(spans.items())), 16, fields=balancing)
+    assert choose_mover(reordered) == mover  # every peer reaches the same answer
+
+    moved = dict(spans)
+    moved[0 if mover[0] == peer(0) else 1] = (10, 16)
+    after = view(moved, 16, fields=balancing)
+    assert min(block_coverage(after)) == 1
+    assert choose_mover(after) is None
+
+    assert choose_mover(view(spans, 16)) is None  # pinned peers (--blocks, --train) never move
+    draining = view(spans, 16, state=ServerState.DRAINING, fields=balancing)
+    assert choose_mover(draining) is None

@@ -70,6 +70,7 @@ class ServerInfo(_WireRecord):
     using_relay: bool = False
     next_pings: dict[str, float] = Field(default_factory=dict, max_length=256)
     training: bool = False  # started with --train: its blocks learn from SWARM trainers' backward passes
+    balancing: bool = False  # chose its own blocks and moves them where the swarm needs it (not --blocks, not --train)
 
     @model_validator(mode="after")
     def _check(self) -> ServerInfo:

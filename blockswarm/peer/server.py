@@ -33,7 +33,7 @@ from blockswarm.models import load_blocks, load_config, weights_fingerprint
 from blockswarm.models.checkpoints import save_span
 from blockswarm.models.naming import swarm_model_name
 from blockswarm.peer.backend import BlockBackend
-from blockswarm.peer.block_selection import block_coverage, choose_move, choose_span_start
+from blockswarm.peer.block_selection import block_coverage, choose_mover, choose_span_start
 from blockswarm.peer.cache import CachePool
 from blockswarm.peer.handlers import RequestHandlers, ServingLimits
 from blockswarm.peer.stage_training import StageOptimizer, StageTrainingOptions, stage_run_id
@@ -271,6 +271,7 @@ class Server:
             public_name=self.options.public_name,
             next_pings={peer.to_base58(): rtt for peer, rtt in self.next_pings.snapshot().items()},
             training=self.options.train,
+            balancing=self._balancing,
             # a stage's step count changes every few seconds, far more often than records: trainers ask `info`
             **{k: v for k, v in self._status().items() if k not in ("state", "training_step")},
         )
@@ -312,7 +313,7 @@ class Server:
                 await asyncio.wait_for(stop.wait(), self.options.update_period)
             except TimeoutError:
                 await self._ping_next_peers(dht, p2p)
-                if self.options.blocks is None and not self.options.train and loop.time() >= next_balance:
+                if self._balancing and loop.time() >= next_balance:
                     await self._rebalance(dht, handlers, announce)
                     next_balance = loop.time() + self._balance_delay()
                 await announce()
@@ -324,8 +325,13 @@ class Server:
     def _cache_for(self, backend: BlockBackend) -> CachePool:
         return CachePool(self.options.cache_tokens, len(backend.blocks), backend.make_cache)
 
+    @property
+    def _balancing(self) -> bool:
+        """Pinned spans (--blocks) and training stages (--train) stay where they started."""
+        return self.options.blocks is None and not self.options.train
+
     def _balance_delay(self) -> float:
-        """Randomized so that peers which see the same gap do not all move at once."""
+        """Randomized so that peers do not all read the DHT in the same instant."""
         return self.options.balance_period * random.uniform(0.5, 1.5)
 
     async def _drain(self, handlers: RequestHandlers, announce) -> None:
@@ -335,13 +341,13 @@ class Server:
         await handlers.wait_idle(self.options.grace_period)
 
     async def _rebalance(self, dht: DHT, handlers: RequestHandlers, announce) -> None:
-        """Move to a better span when the swarm's bottleneck would clearly improve: drain, load, serve."""
+        """Move when this peer is the swarm's chosen mover (see `choose_mover`): drain, load, serve."""
         total = self.config.num_blocks
         records = await asyncio.to_thread(get_block_servers, dht, self.model_name, 0, total, latest=True)
-        coverage = block_coverage(records, exclude=[dht.peer_id])
-        new_start = choose_move(coverage, self.span, self.published_throughput)
-        if new_start is None:
+        mover = choose_mover(records)
+        if mover is None or mover[0] != dht.peer_id:
             return
+        new_start = mover[1]
         old = self.span
         await self._drain(handlers, announce)
         self.state = ServerState.OFFLINE
