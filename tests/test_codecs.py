@@ -123,6 +123,33 @@ def test_int8_wire_size_for_a_big_activation():
     assert len(encode_tensor(tensor.half(), INT8)) == len(encode_tensor(tensor, INT8))
 
 
+@pytest.mark.parametrize("codec", list(CODECS))
+def test_decoded_tensors_carry_exact_gradients_through_autograd(codec, kernels):
+    """A trainer's chain returns decoded outputs from an autograd Function, and its final norm backpropagates
+    through them. Inference-mode tensors silently dropped part of that gradient (the norm's scale term)."""
+
+    class Wire(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, hidden: torch.Tensor) -> torch.Tensor:
+            return decode_tensor(encode_tensor(hidden.detach(), codec))
+
+        @staticmethod
+        def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+            return grad
+
+    def loss_of(hidden: torch.Tensor) -> torch.Tensor:
+        normed = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return (normed * torch.linspace(-1, 1, hidden.shape[-1])).sum()
+
+    hidden = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    decoded = Wire.apply(hidden)
+    assert not decoded.is_inference()
+    loss_of(decoded).backward()
+    reference = decoded.detach().clone().requires_grad_(True)
+    loss_of(reference).backward()
+    torch.testing.assert_close(hidden.grad, reference.grad, rtol=1e-6, atol=1e-7)
+
+
 def test_int8_is_deterministic():
     tensor = with_outlier_channels((4, 33, 130))
     wire = encode_tensor(tensor, INT8)

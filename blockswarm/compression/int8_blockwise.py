@@ -113,7 +113,7 @@ def native_kernels() -> bool:
     return _NATIVE is not None
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def quantize(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize floating-point `tensor` (any device): bf16 steps (one per block) and int8 codes, both on CPU.
     Raises ValueError for NaN or inf."""
@@ -168,7 +168,7 @@ def _quantize_with_torch(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return steps.view(-1).to(device="cpu", dtype=torch.bfloat16), codes.cpu()
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: its tensors break autograd that later runs on the decoded values
 def dequantize(steps: torch.Tensor, codes: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     """Flat CPU tensor of `dtype` from fp32 `steps` (bf16 values, finite, >= 0) and int8 `codes` (may be a read-only
     view of the received bytes): code * |code| * step."""

@@ -105,8 +105,7 @@ class BlockBackend:
         leaves = adapter.leaves if adapter is not None else []
         params = self.parameters() if train else []
         with torch.enable_grad(), self.parameters_lock:
-            # a copy: decoded 8-bit tensors are inference tensors, which cannot require grad
-            inputs = hidden.to(self.device, self.dtype, copy=True).requires_grad_(True)
+            inputs = hidden.to(self.device, self.dtype).detach().requires_grad_(True)
             outputs = inputs
             for block, block_adapter in zip(blocks, _per_block(adapter, len(blocks))):
                 outputs = block(outputs, adapter=block_adapter)
