@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=120.0,
         help="mean seconds between checks whether moving to other blocks would help the swarm (randomized "
-        "+-50%%); peers started with --blocks never move",
+        "+-50%%); peers started with --blocks or --train never move",
     )
     server.add_argument(
         "--throughput",
