@@ -42,24 +42,31 @@ def choose_move(
     peer can add, so it means the same in a swarm of 3 peers as of 3000, and every move raises the sorted
     order, so moves cannot cycle. Moving never uncovers a block.
     """
+    move = _best_move(np.asarray(coverage_without_me, dtype=np.float64), span, my_throughput, min_gain)
+    return None if move is None else move[0]
+
+
+def _best_move(
+    coverage: np.ndarray, span: tuple[int, int], throughput: float, min_gain: float
+) -> tuple[int, list[float]] | None:
+    """`choose_move`'s new start, with the swarm's coverage after the move sorted weakest first."""
     start, end = span
     length = end - start
-    coverage = np.asarray(coverage_without_me, dtype=np.float64)
     starts = np.arange(len(coverage) - length + 1)
     blocks = np.arange(len(coverage))
     in_window = (blocks >= starts[:, None]) & (blocks < starts[:, None] + length)
-    options = coverage + my_throughput * in_window
+    options = coverage + throughput * in_window
     ranked = np.sort(options, axis=1)
     new_start = int(np.lexsort((-starts, *ranked.T[::-1]))[-1])  # lexicographic max, then the smallest start
-    if new_start == start:
-        return None
-    if np.any((options[start] > 0) & (options[new_start] == 0)):
+    if new_start == start or np.any((options[start] > 0) & (options[new_start] == 0)):
         return None
     changed = ~np.isclose(ranked[new_start], ranked[start], rtol=1e-9, atol=0.0)
     if not changed.any():
         return None
     level = int(np.argmax(changed))
-    return new_start if ranked[new_start, level] - ranked[start, level] > min_gain * my_throughput else None
+    if ranked[new_start, level] - ranked[start, level] <= min_gain * throughput:
+        return None
+    return new_start, ranked[new_start].tolist()
 
 
 def choose_mover(records: Sequence[dict[object, ServerInfo]], min_gain: float = 0.2) -> tuple[object, int] | None:
@@ -69,28 +76,21 @@ def choose_mover(records: Sequence[dict[object, ServerInfo]], min_gain: float = 
     leave their shared blocks for it at once (which would open a new gap and send them back). The move that
     leaves the weakest blocks strongest wins; ties go to the smallest peer id.
     """
-    peers = sorted(
-        {peer for block in records for peer, info in block.items() if info.state in COVERING_STATES}, key=str
-    )
+    covering = [{peer: info for peer, info in block.items() if info.state in COVERING_STATES} for block in records]
+    infos = {peer: info for block in covering for peer, info in block.items()}
+    peers = sorted(infos, key=str)
+    row_of = {peer: row for row, peer in enumerate(peers)}
     contribution = np.zeros((len(peers), len(records)))
-    for row, peer in enumerate(peers):
-        for index, block in enumerate(records):
-            info = block.get(peer)
-            if info is not None and info.state in COVERING_STATES:
-                contribution[row, index] = info.throughput
+    for index, block in enumerate(covering):
+        for peer, info in block.items():
+            contribution[row_of[peer], index] = info.throughput
     total = contribution.sum(axis=0)
     best: tuple[list[float], object, int] | None = None
     for row, peer in enumerate(peers):
-        info = next(block[peer] for block in records if peer in block and block[peer].state in COVERING_STATES)
+        info = infos[peer]
         if info.state != ServerState.ONLINE or not info.balancing:
             continue
-        coverage = total - contribution[row]
-        new_start = choose_move(coverage, (info.start, info.end), info.throughput, min_gain)
-        if new_start is None:
-            continue
-        moved = coverage.copy()
-        moved[new_start : new_start + info.end - info.start] += info.throughput
-        ranked = sorted(moved.tolist())
-        if best is None or ranked > best[0]:
-            best = (ranked, peer, new_start)
+        move = _best_move(total - contribution[row], (info.start, info.end), info.throughput, min_gain)
+        if move is not None and (best is None or move[1] > best[0]):
+            best = (move[1], peer, move[0])
     return None if best is None else (best[1], best[2])
