@@ -78,8 +78,7 @@ class StageOptimizer:
     """Adam over a stage's parameters, with gradients averaged across the stage through `hivemind.Optimizer`.
 
     Parameters are updated in place, so the blocks that serve requests keep using the same tensors, under
-    `parameters_lock`. Calls are serialized by a lock of their own, but `param.grad` is shared: a caller of `step`
-    that fills it must not run the backward pass of one micro-batch while `step` is handling another.
+    `parameters_lock`. Calls are serialized by a lock of their own.
 
     A peer uses `submit`: its reply to the trainer must not wait for an averaging round, which the trainer's later
     micro-batches may be needed to complete. While no micro-batch comes, the worker thread follows the stage: it
@@ -196,9 +195,8 @@ class StageOptimizer:
                 optimizer._update_global_epoch(grad_scaler=None)
             self._epoch = optimizer.local_epoch
 
-    def step(self, batch_size: int, grads: list[torch.Tensor] | None = None) -> None:
-        """Hand over the gradients of one micro-batch of `batch_size` samples (`grads`, or else those in
-        `param.grad`), then zero them.
+    def step(self, batch_size: int, grads: list[torch.Tensor]) -> None:
+        """Hand over the gradients of one micro-batch of `batch_size` samples (one per parameter, in order).
 
         hivemind accumulates them; once the stage has `target_batch_size` samples in all, this call averages
         gradients with the stage-mates (blocking for up to about matchmaking_time + averaging_timeout) and steps.
@@ -208,9 +206,8 @@ class StageOptimizer:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         with self._lock:
             try:
-                if grads is not None:
-                    for parameter, grad in zip(self._parameters, grads):
-                        parameter.grad = grad
+                for parameter, grad in zip(self._parameters, grads):
+                    parameter.grad = grad
                 self._optimizer.step(batch_size=batch_size)
             finally:
                 # hivemind copies param.grad into its own accumulators and leaves it as is
