@@ -28,7 +28,8 @@ from blockswarm.client import DistributedModelForCausalLM  # noqa: E402
 from blockswarm.client.generation import generate_tokens  # noqa: E402
 from blockswarm.client.sampling import SamplingParams  # noqa: E402
 from blockswarm.local_swarm import LocalSwarm  # noqa: E402
-from blockswarm.models import KVCache, init_random_model, load_blocks, load_config, load_ends  # noqa: E402
+from blockswarm.models import KVCache, load_blocks, load_config, load_ends  # noqa: E402
+from blockswarm.models.random_init import init_random_model  # noqa: E402
 
 PROMPT = torch.randint(3, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
 

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 from blockswarm.client import DistributedModelForCausalLM  # noqa: E402
 from blockswarm.local_swarm import LocalSwarm, generate_with_interruptions  # noqa: E402
-from blockswarm.models import init_random_model  # noqa: E402
+from blockswarm.models.random_init import init_random_model  # noqa: E402
 
 SPANS = ("0:4", "0:4", "4:8", "4:8")
 

@@ -28,7 +28,8 @@ import torch.nn.functional as F  # noqa: E402
 import blockswarm.pipeline.chain as chain_module  # noqa: E402
 from blockswarm.client import DistributedModelForCausalLM  # noqa: E402
 from blockswarm.local_swarm import LocalSwarm  # noqa: E402
-from blockswarm.models import init_random_model, load_blocks, load_ends  # noqa: E402
+from blockswarm.models import load_blocks, load_ends  # noqa: E402
+from blockswarm.models.random_init import init_random_model  # noqa: E402
 
 STAGES = ("0:4", "0:4", "4:8", "4:8")
 MICRO_BATCH = 4

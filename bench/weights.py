@@ -27,8 +27,9 @@ from pathlib import Path
 
 import torch
 
-from blockswarm.compression.weights import QUANT_TYPES, block_memory_bytes, quantize_block
-from blockswarm.models import init_random_model, load_blocks, load_config, load_ends
+from blockswarm.models import load_blocks, load_config, load_ends
+from blockswarm.models.quantization import QUANT_TYPES, block_memory_bytes, quantize_block
+from blockswarm.models.random_init import init_random_model
 
 
 def rss_bytes() -> int:

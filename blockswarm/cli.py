@@ -291,7 +291,7 @@ def reassemble(args: argparse.Namespace) -> None:
 
 
 def init_model(args: argparse.Namespace) -> None:
-    from blockswarm.models import init_random_model
+    from blockswarm.models.random_init import init_random_model
 
     path = init_random_model(args.dir, preset=args.preset, family=args.family, seed=args.seed)
     print(f"wrote a random-weight {args.family} model ({args.preset} preset) to {path}")

@@ -22,7 +22,8 @@ def run_demo(directory: str, preset: str, peers: int, max_new_tokens: int, monit
     from transformers import AutoTokenizer
 
     from blockswarm.client import DistributedModelForCausalLM
-    from blockswarm.models import init_random_model, load_config
+    from blockswarm.models import load_config
+    from blockswarm.models.random_init import init_random_model
     from blockswarm.routing.route import describe_route
 
     work = Path(directory).resolve()

@@ -22,7 +22,7 @@ from transformers import AutoTokenizer
 from blockswarm.client import DistributedModelForCausalLM
 from blockswarm.client.tuning import TuningConfig
 from blockswarm.local_swarm import LocalSwarm
-from blockswarm.models import init_random_model
+from blockswarm.models.random_init import init_random_model
 
 BUILT_IN_DATA = [
     "the swarm serves every block of the model",

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from blockswarm.client import DistributedModelForCausalLM
 from blockswarm.local_swarm import LocalSwarm
-from blockswarm.models import init_random_model
 from blockswarm.models.checkpoints import reassemble
+from blockswarm.models.random_init import init_random_model
 
 STAGES = ("0:4", "0:4", "4:8", "4:8")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from blockswarm.local_swarm import LocalSwarm
-from blockswarm.models import init_random_model
+from blockswarm.models.random_init import init_random_model
 
 SWARM_SPANS = ("0:3", "2:6", "5:8")  # overlapping: routes use sub-spans of peers
 

@@ -10,8 +10,9 @@ from hivemind.dht import DHT
 
 from blockswarm.dht import ServerState, get_block_servers, make_validators
 from blockswarm.local_swarm import LocalSwarm
-from blockswarm.models import init_random_model, load_config, weights_fingerprint
+from blockswarm.models import load_config, weights_fingerprint
 from blockswarm.models.naming import swarm_model_name
+from blockswarm.models.random_init import init_random_model
 
 PEER_ARGS = ("--num-blocks", "6", "--throughput", "100", "--balance-period", "2", "--update-period", "1")
 

@@ -8,9 +8,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from blockswarm.models import init_random_model, load_blocks
+from blockswarm.models import load_blocks
 from blockswarm.models.checkpoints import load_span, reassemble, save_span
 from blockswarm.models.loading import INDEX_FILE
+from blockswarm.models.random_init import init_random_model
 
 NUM_BLOCKS = 8
 

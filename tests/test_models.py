@@ -11,19 +11,17 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import blockswarm.models.loading as loading
 from blockswarm.models import (
-    PRESETS,
     KVCache,
     ModelConfig,
     ModelEnds,
     TransformerBlock,
-    init_random_model,
     load_blocks,
     load_config,
     load_ends,
     resolve_checkpoint,
     weights_fingerprint,
 )
-from blockswarm.models.random_init import random_model_config
+from blockswarm.models.random_init import PRESETS, init_random_model, random_model_config
 
 TOL = 1e-5
 SEQ = 12

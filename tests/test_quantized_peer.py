@@ -13,7 +13,7 @@ from blockswarm.wire.messages import PeerStatus
 from blockswarm.wire.ping import request_status
 
 # relative L2 error of the final hidden states vs fp32 (measured on the tiny random model: ~0.07 int8, ~0.5 nf4;
-# random weights amplify weight noise, see blockswarm/compression/weights.py)
+# random weights amplify weight noise, see blockswarm/models/quantization.py)
 TOLERANCE = {"int8": 0.15, "nf4": 0.8}
 
 

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from blockswarm.client import DistributedModelForCausalLM
 from blockswarm.dht import ServerState, get_block_servers
 from blockswarm.local_swarm import LocalSwarm
-from blockswarm.models import init_random_model
+from blockswarm.models.random_init import init_random_model
 
 
 @pytest.fixture(scope="module")

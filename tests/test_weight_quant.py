@@ -12,8 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blockswarm.compression.weights import LINEAR_NAMES, QUANT_TYPES, block_memory_bytes, quantize_block
-from blockswarm.models import KVCache, init_random_model, load_blocks, load_config, load_ends
+from blockswarm.models import KVCache, load_blocks, load_config, load_ends
+from blockswarm.models.quantization import LINEAR_NAMES, QUANT_TYPES, block_memory_bytes, quantize_block
+from blockswarm.models.random_init import init_random_model
 
 NUM_BLOCKS = 4
 # measured on the tiny llama preset, blocks 0..3 (each fed the fp32 input), and chained through all 4

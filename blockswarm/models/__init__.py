@@ -1,4 +1,7 @@
-"""Llama-family transformer blocks in plain torch, and loading any span of them from a checkpoint."""
+"""Llama-family transformer blocks in plain torch, loading any span of them from a checkpoint, and quantizing them.
+
+Random-weight test checkpoints live in `blockswarm.models.random_init`, imported only by what makes them.
+"""
 
 from blockswarm.models.block import KVCache, TransformerBlock
 from blockswarm.models.config import ModelConfig
@@ -10,15 +13,12 @@ from blockswarm.models.loading import (
     resolve_checkpoint,
     weights_fingerprint,
 )
-from blockswarm.models.random_init import PRESETS, init_random_model
 
 __all__ = [
-    "PRESETS",
     "KVCache",
     "ModelConfig",
     "ModelEnds",
     "TransformerBlock",
-    "init_random_model",
     "load_blocks",
     "load_config",
     "load_ends",

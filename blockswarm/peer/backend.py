@@ -15,9 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from blockswarm.compression.weights import block_memory_bytes
 from blockswarm.models import KVCache, ModelConfig, TransformerBlock
 from blockswarm.models.adapters import BlockAdapter
+from blockswarm.models.quantization import block_memory_bytes
 from blockswarm.peer.adapters import ReceivedAdapter
 
 

@@ -18,7 +18,6 @@ from hivemind.utils import get_dht_time
 
 from blockswarm import __version__
 from blockswarm.compression.codecs import CODECS
-from blockswarm.compression.weights import QUANT_TYPES, quantize_block
 from blockswarm.dht import (
     ModelInfo,
     ServerInfo,
@@ -32,6 +31,7 @@ from blockswarm.dht import (
 from blockswarm.models import load_blocks, load_config, weights_fingerprint
 from blockswarm.models.checkpoints import save_span
 from blockswarm.models.naming import swarm_model_name
+from blockswarm.models.quantization import QUANT_TYPES, quantize_block
 from blockswarm.peer.backend import BlockBackend
 from blockswarm.peer.block_selection import block_coverage, choose_mover, choose_span_start
 from blockswarm.peer.cache import CachePool

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blockswarm.models import TransformerBlock
+from blockswarm.models.block import TransformerBlock
 
 QUANT_TYPES = ("none", "int8", "nf4")
 LINEAR_NAMES = (
