@@ -214,18 +214,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_dht(args: argparse.Namespace) -> None:
-    from blockswarm.peer.server import ServerOptions, start_dht
+    from blockswarm.dht import NodeRole, start_dht
 
-    options = ServerOptions(
-        model="",
-        initial_peers=args.initial_peers,
-        new_swarm=True,
+    dht = start_dht(
+        NodeRole.BOOTSTRAP,
+        args.initial_peers,
         host=args.host,
         port=args.port,
         announce_addrs=args.announce_addrs,
         identity_path=args.identity_path,
-    )
-    dht, _ = start_dht(options)
+    ).dht
     maddrs = ",".join(str(addr) for addr in dht.get_visible_maddrs())
     print(f"blockswarm dht ready: maddrs={maddrs}", flush=True)
     print(f"Peers join with: blockswarm run-server MODEL --initial-peers {maddrs.replace(',', ' ')}", flush=True)
@@ -343,4 +341,9 @@ def main(argv: list[str] | None = None) -> None:
         "monitor": monitor,
         "reassemble": reassemble,
     }
-    commands[args.command](args)
+    from blockswarm.dht import SwarmJoinError
+
+    try:
+        commands[args.command](args)
+    except SwarmJoinError as e:
+        raise SystemExit(f"error: {e}") from e

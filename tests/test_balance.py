@@ -8,7 +8,7 @@ import time
 import pytest
 from hivemind.dht import DHT
 
-from blockswarm.dht import ServerState, get_block_servers, make_validators
+from blockswarm.dht import NodeRole, ServerState, get_block_servers, start_dht
 from blockswarm.local_swarm import LocalSwarm
 from blockswarm.models import load_config, weights_fingerprint
 from blockswarm.models.naming import swarm_model_name
@@ -38,9 +38,7 @@ def test_self_placing_peers_cover_fill_gaps_and_do_not_thrash(sixteen_block_mode
     with LocalSwarm(sixteen_block_model, tmp_path) as swarm:
         swarm.start_bootstrap()
         peers = [swarm.start_peer(*PEER_ARGS) for _ in range(4)]  # one after another: each sees the others
-        dht = DHT(
-            initial_peers=swarm.initial_peers, client_mode=True, start=True, record_validators=make_validators()[0]
-        )
+        dht = start_dht(NodeRole.CLIENT, swarm.initial_peers).dht
         try:
             assert min(coverage(dht, name, num_blocks)) >= 1, [p.span for p in peers]
 

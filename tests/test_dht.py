@@ -49,7 +49,7 @@ def _model() -> ModelInfo:
 
 def test_server_info_round_trip():
     info = _server(
-        codecs=["8bit", "none"], public_name="alice", using_relay=True, next_pings={PEER_ID.to_base58(): 0.02}
+        codecs=["8bit", "none"], public_name="alice", next_pings={PEER_ID.to_base58(): 0.02}
     )
     wire = MSGPackSerializer.loads(MSGPackSerializer.dumps(info.to_wire()))
     assert ServerInfo.from_wire(wire) == info
@@ -81,7 +81,7 @@ def test_unknown_fields_are_ignored():
         {"state": "sleeping"},
         {"state": 1},
         {"codecs": "none"},
-        {"using_relay": "yes"},
+        {"training": "yes"},
         {"public_name": "x" * 65},
         {"next_pings": {"peer": -0.1}},
         {"cache_tokens_left": -5},

@@ -111,7 +111,7 @@ def test_state_lists_every_peer_with_its_span_and_state(monitored):
     assert spans == {by_name(swarm, "low").peer_id: (0, 5), by_name(swarm, "high").peer_id: (3, 8)}
     low = peer_entry(payload, by_name(swarm, "low"))
     assert low["public_name"] == "alice's laptop" and low["short_id"].endswith(low["peer_id"][-6:])
-    assert low["dtype"] == "float32" and low["cache_tokens_left"] > 0 and not low["using_relay"]
+    assert low["dtype"] == "float32" and low["cache_tokens_left"] > 0
     for peer in all_peers(payload):
         assert peer["state"] == "online" and peer["reachable"] is True and peer["rtt_ms"] >= 0
 

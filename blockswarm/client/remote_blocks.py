@@ -7,11 +7,10 @@ import sys
 import time
 
 import torch
-from hivemind.dht import DHT
 from hivemind.p2p import PeerID
 
 from blockswarm.client.event_loop import BackgroundLoop
-from blockswarm.dht import exit_with_parent, make_validators
+from blockswarm.dht import NodeRole, start_dht
 from blockswarm.models import ModelConfig
 from blockswarm.pipeline.chain import Chain
 from blockswarm.pipeline.hops import Hop
@@ -39,16 +38,12 @@ class RemoteBlocks:
         show_route: bool = False,
         swarm_training: bool = False,
     ):
-        if not initial_peers:
-            raise ValueError("initial_peers is empty: pass the multiaddr of at least one peer of the swarm")
         self.model_name = model_name
         self.config = config
         self.codec = codec
         self.step_timeout = step_timeout
         self.retry_policy = retry_policy or RetryPolicy()
-        validators, _ = make_validators()
-        self.dht = DHT(initial_peers=initial_peers, client_mode=True, start=True, record_validators=validators)
-        exit_with_parent(self.dht)
+        self.dht = start_dht(NodeRole.CLIENT, initial_peers).dht
         self.loop = BackgroundLoop()
         self.p2p = self.loop.run(self.dht.replicate_p2p())
         self.view = SwarmView(

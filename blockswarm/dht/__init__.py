@@ -1,12 +1,13 @@
-"""DHT layer: key names, record schemas, validators, and announcing/reading records over hivemind.DHT.
+"""DHT layer: key names, record schemas, validators, starting a node for any role, announcing and reading records.
 
 Imports no other blockswarm package: routing, peer and monitor build on it.
 """
 
 from .keys import MODEL_INDEX_KEY, block_key, validate_model_name
-from .process import exit_with_parent
+from .node import NodeRole, SwarmJoinError, SwarmNode, start_dht
 from .records import ModelInfo, ServerInfo, ServerState
 from .swarm import (
+    DHTUnavailableError,
     announce_model,
     announce_server,
     get_block_servers,
@@ -19,17 +20,21 @@ from .validation import BlockswarmRecordValidator, make_validators
 __all__ = [
     "MODEL_INDEX_KEY",
     "BlockswarmRecordValidator",
+    "DHTUnavailableError",
     "ModelInfo",
+    "NodeRole",
     "ServerInfo",
     "ServerState",
+    "SwarmJoinError",
+    "SwarmNode",
     "announce_model",
     "announce_server",
     "block_key",
-    "exit_with_parent",
     "get_block_servers",
     "get_models",
     "make_validators",
     "peer_id_from_subkey",
     "server_subkey",
+    "start_dht",
     "validate_model_name",
 ]

@@ -60,14 +60,12 @@ class ServerInfo(_WireRecord):
     throughput: float = Field(default=1.0, ge=0, allow_inf_nan=False)
     inference_rps: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     forward_rps: float | None = Field(default=None, ge=0, allow_inf_nan=False)
-    network_rps: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     cache_tokens_left: int = Field(default=0, ge=0)
     dtype: str = Field(default="float32", max_length=32)
     quant: str = Field(default="none", max_length=32)
     codecs: list[str] = Field(default_factory=lambda: ["none"], max_length=16)
     version: str = Field(default="", max_length=64)
     public_name: str | None = Field(default=None, max_length=64)
-    using_relay: bool = False
     next_pings: dict[str, float] = Field(default_factory=dict, max_length=256)
     training: bool = False  # started with --train: its blocks learn from SWARM trainers' backward passes
     balancing: bool = False  # chose its own blocks and moves them where the swarm needs it (not --blocks, not --train)

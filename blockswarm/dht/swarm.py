@@ -1,8 +1,9 @@
 """Announcing and reading blockswarm records over a running hivemind DHT.
 
-Each call is one trip to the DHT process (`run_coroutine` / `get`), which batches every key into one
-`store_many` / `get_many` traversal. The coroutines shipped there are module-level functions because
-`run_coroutine` pickles them.
+Each call is one trip to the DHT process (`run_coroutine`), which batches every key into one `store_many` /
+`get_many` traversal. The coroutines shipped there are module-level functions because `run_coroutine` pickles
+them. Every trip is bounded by `timeout`: a DHT process that died (or hangs) makes the call raise instead of
+waiting forever.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from hivemind.utils import get_dht_time
 
 from .keys import MODEL_INDEX_KEY, block_key, validate_model_name
 from .records import ModelInfo, ServerInfo
+
+DHT_CALL_TIMEOUT = 60.0  # seconds; a traversal with `latest=True` over a big swarm takes a few
 
 _SUBKEY_RE = re.compile(rb"([1-9A-HJ-NP-Za-km-z]+)\[owner:.+\]", re.DOTALL)  # base58 peer id + owner marker
 
@@ -43,6 +46,17 @@ def peer_id_from_subkey(subkey: Any) -> PeerID | None:
         return None
 
 
+class DHTUnavailableError(RuntimeError):
+    """This process's DHT node is not running (it died or was stopped)."""
+
+
+def _call(dht: DHT, coroutine: Any, timeout: float) -> Any:
+    """Run `coroutine(dht, node)` in the DHT process; TimeoutError after `timeout` seconds."""
+    if not dht.is_alive():
+        raise DHTUnavailableError("this node's DHT process is not running")
+    return dht.run_coroutine(coroutine, return_future=True).result(timeout)
+
+
 async def _store_all(
     _dht: DHT, node: DHTNode, keys: list[str], subkeys: list[Any], values: list[Any], expiration_time: float
 ) -> bool:
@@ -62,7 +76,14 @@ async def _get_all(_dht: DHT, node: DHTNode, keys: list[str], latest: bool) -> d
     return await node.get_many(keys, sufficient_expiration_time=float("inf") if latest else None)
 
 
-def announce_server(dht: DHT, model: str, info: ServerInfo, local_public_key: bytes, expiration_time: float) -> bool:
+def announce_server(
+    dht: DHT,
+    model: str,
+    info: ServerInfo,
+    local_public_key: bytes,
+    expiration_time: float,
+    timeout: float = DHT_CALL_TIMEOUT,
+) -> bool:
     """Store `info` under each block key of its span [info.start, info.end); True if all stores succeeded."""
     keys = [block_key(model, index) for index in range(info.start, info.end)]
     announce = partial(
@@ -72,10 +93,12 @@ def announce_server(dht: DHT, model: str, info: ServerInfo, local_public_key: by
         value=info.to_wire(),
         expiration_time=expiration_time,
     )
-    return dht.run_coroutine(announce)
+    return _call(dht, announce, timeout)
 
 
-def announce_model(dht: DHT, model: str, info: ModelInfo, expiration_time: float) -> bool:
+def announce_model(
+    dht: DHT, model: str, info: ModelInfo, expiration_time: float, timeout: float = DHT_CALL_TIMEOUT
+) -> bool:
     """Publish `info` in the model index under the subkey `model`."""
     store = partial(
         _store_all,
@@ -84,11 +107,11 @@ def announce_model(dht: DHT, model: str, info: ModelInfo, expiration_time: float
         values=[info.to_wire()],
         expiration_time=expiration_time,
     )
-    return dht.run_coroutine(store)
+    return _call(dht, store, timeout)
 
 
 def get_block_servers(
-    dht: DHT, model: str, start: int, end: int, *, latest: bool = False
+    dht: DHT, model: str, start: int, end: int, *, latest: bool = False, timeout: float = DHT_CALL_TIMEOUT
 ) -> list[dict[PeerID, ServerInfo]]:
     """For each block in [start, end): the peers announcing it and their records.
 
@@ -98,7 +121,7 @@ def get_block_servers(
     if end < start:
         raise ValueError(f"invalid block range [{start}, {end})")
     keys = [block_key(model, index) for index in range(start, end)]
-    found = dht.run_coroutine(partial(_get_all, keys=keys, latest=latest)) if keys else {}
+    found = _call(dht, partial(_get_all, keys=keys, latest=latest), timeout) if keys else {}
     now = get_dht_time()
     servers = []
     for key in keys:
@@ -114,9 +137,9 @@ def get_block_servers(
     return servers
 
 
-def get_models(dht: DHT, *, latest: bool = False) -> dict[str, ModelInfo]:
+def get_models(dht: DHT, *, latest: bool = False, timeout: float = DHT_CALL_TIMEOUT) -> dict[str, ModelInfo]:
     """The model index: model name -> its ModelInfo (invalid and expired entries dropped)."""
-    entry = dht.get(MODEL_INDEX_KEY, latest=latest)
+    entry = _call(dht, partial(_get_all, keys=[MODEL_INDEX_KEY], latest=latest), timeout).get(MODEL_INDEX_KEY)
     if entry is None or not isinstance(entry.value, dict):
         return {}
     now = get_dht_time()

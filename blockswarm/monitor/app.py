@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from hivemind.dht import DHT
 
-from blockswarm.dht import exit_with_parent, make_validators
+from blockswarm.dht import NodeRole, start_dht
 
 from .crawler import Crawler
 from .state import History
@@ -50,8 +50,7 @@ def start_monitor(
 ) -> Monitor:
     """Join the swarm as a DHT client, start crawling, and bind (not yet serve) the HTTP server."""
     # the DHT process is forked before any thread of ours starts
-    dht = DHT(initial_peers=initial_peers, client_mode=True, start=True, record_validators=make_validators()[0])
-    exit_with_parent(dht)
+    dht = start_dht(NodeRole.MONITOR, initial_peers).dht
     history = History(history_seconds)
     crawler = Crawler(dht, history, period=period, info_timeout=info_timeout)
     crawler.start()

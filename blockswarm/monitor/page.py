@@ -191,12 +191,11 @@ PEER_COLUMNS = (
     "Reachable",
     "Span",
     "Throughput",
-    "Inference / forward / network rps",
+    "Inference / forward rps",
     "Dtype / quant",
     "Codecs",
     "Version",
     "Free cache tokens",
-    "Connection",
     "Pings",
 )
 
@@ -235,12 +234,11 @@ def _peer_row(peer: PeerRecord, num_blocks: int) -> str:
         _td(reachable),
         _td(f'{span}<span class="muted">{peer.start}:{peer.end}</span>'),
         _td(_number(peer.throughput), numeric=True),
-        _td(" / ".join(_rps(rps) for rps in (peer.inference_rps, peer.forward_rps, peer.network_rps)), numeric=True),
+        _td(" / ".join(_rps(rps) for rps in (peer.inference_rps, peer.forward_rps)), numeric=True),
         _td(f"{escape(peer.dtype)} / {escape(peer.quant)}"),
         _td(escape(", ".join(peer.codecs))),
         _td(escape(peer.version or "–")),
         _td(str(peer.cache_tokens_left), numeric=True),
-        _td("relay" if peer.using_relay else "direct"),
         _td(pings),
     ]
     return f'<tr data-peer-id="{peer.peer_id}" data-state="{peer.state.value}">{"".join(cells)}</tr>'

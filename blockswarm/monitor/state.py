@@ -37,13 +37,11 @@ class PeerRecord(BaseModel):
     throughput: float
     inference_rps: float | None
     forward_rps: float | None
-    network_rps: float | None
     dtype: str
     quant: str
     codecs: list[str]
     version: str
     cache_tokens_left: int
-    using_relay: bool
     next_pings: dict[str, float]
     reachable: bool | None  # None: not asked, because the peer does not announce itself ONLINE
     rtt_ms: float | None
@@ -112,13 +110,11 @@ def peer_record(peer_id: PeerID, info: ServerInfo, reachability: Reachability | 
                 "throughput",
                 "inference_rps",
                 "forward_rps",
-                "network_rps",
                 "dtype",
                 "quant",
                 "codecs",
                 "version",
                 "cache_tokens_left",
-                "using_relay",
                 "next_pings",
             }
         ),
