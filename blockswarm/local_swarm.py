@@ -33,6 +33,11 @@ class LocalProcess:
         if self.popen.poll() is None:
             self.popen.send_signal(sig)
 
+    def signal_group(self, sig: int) -> None:
+        """Send `sig` to the process's whole group, as systemd's default stop or `kill -- -PGID` would."""
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, sig)
+
     def stop(self, timeout: float = 15.0) -> int:
         self.signal(signal.SIGTERM)
         try:
@@ -111,8 +116,14 @@ class LocalSwarm:
         log_path = self.work_dir / f"{name}.log"
         log = open(log_path, "w")  # noqa: SIM115 - handed to the child process
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # each process leads a group of its own: signals for the caller's group (Ctrl-C in a terminal) reach only
+        # the caller, which stops its swarm in order, and a test can signal one process's whole group
         popen = subprocess.Popen(
-            [sys.executable, "-m", "blockswarm", *args], stdout=log, stderr=subprocess.STDOUT, env=env
+            [sys.executable, "-m", "blockswarm", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
         )
         log.close()
         process = LocalProcess(name, popen, log_path)

@@ -1,8 +1,11 @@
-"""The blocks a peer serves and the one thread that runs their math.
+"""The blocks a peer serves and the worker thread that runs their math.
 
-All compute goes through a single worker thread so that concurrent sessions never race on the device and
-the event loop stays free to move bytes while a step runs. Passes without gradients use no_grad, not
-inference_mode: tensors cached by the blocks (rotary tables) must stay usable by a later backward.
+Prefill, forward and backward passes run on one worker thread, one at a time, so the event loop stays free to
+move bytes while they compute. Decoding steps of a few tokens (`run(..., inline=True)`) run on the event loop
+itself, where a hand-off to the thread would cost more than the math; such a step may run while the worker
+computes another request. Both only read the weights; a training peer's optimizer writes them under
+`parameters_lock`, which every pass holds. Passes without gradients use no_grad, not inference_mode: tensors
+cached by the blocks (rotary tables) must stay usable by a later backward.
 """
 
 from __future__ import annotations
