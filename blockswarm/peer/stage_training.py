@@ -5,35 +5,28 @@ trainers send it. `StageOptimizer` hands those gradients to `hivemind.Optimizer`
 stage as a whole has processed `target_batch_size` samples, all-reduces them with the stage-mates and runs the same
 Adam step on every copy, so the copies stay identical. A peer that falls behind, or joins late, downloads the current
 parameters and optimizer state from a stage-mate.
+
+This module uses hivemind's public API; what that cannot express is in `hivemind_internals`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import ctypes
 import hashlib
 import logging
-import os
 import queue
 import re
-import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
 import torch
-from hivemind.averaging import DecentralizedAverager
 from hivemind.dht import DHT
-from hivemind.optim import Optimizer
-from hivemind.optim.grad_averager import GradientAverager
-from hivemind.optim.progress_tracker import ProgressTracker
-from hivemind.optim.state_averager import TrainingStateAverager
-from hivemind.utils import get_dht_time
+
+from blockswarm.peer.hivemind_internals import StageHivemindOptimizer
 
 logger = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
 _IDLE_CHECK_PERIOD = 0.2  # seconds between checks, while no micro-batch comes, whether the stage is stepping
 
 # hivemind forbids "." in averager prefixes and puts the run id into DHT keys and p2p handler names
@@ -104,9 +97,8 @@ class StageOptimizer:
             raise ValueError("a stage optimizer needs at least one parameter")
         self.options = options
         self._lock = threading.Lock()
-        self._optimizer = _HivemindOptimizer(
+        self._optimizer = StageHivemindOptimizer(
             parameters_lock=parameters_lock or threading.Lock(),
-            grad_averager_factory=_GradientAverager,
             dht=dht,
             run_id=run_id,
             target_batch_size=options.target_batch_size,
@@ -187,13 +179,8 @@ class StageOptimizer:
         (contributing what this peer accumulated, possibly nothing), or load the stage's state if this peer fell
         behind. hivemind does both only inside `step`, which a peer that gets no micro-batch never calls."""
         with self._lock:
-            optimizer = self._optimizer
-            # private to hivemind 1.1.12 (pinned): the two checks and the epoch update that its `step` runs
-            if optimizer._should_load_state_from_peers():
-                optimizer.load_state_from_peers()
-            elif optimizer.tracker.ready_to_update_epoch:
-                optimizer._update_global_epoch(grad_scaler=None)
-            self._epoch = optimizer.local_epoch
+            self._optimizer.follow_stage_epoch()
+            self._epoch = self._optimizer.local_epoch
 
     def step(self, batch_size: int, grads: list[torch.Tensor]) -> None:
         """Hand over the gradients of one micro-batch of `batch_size` samples (one per parameter, in order).
@@ -227,154 +214,3 @@ class StageOptimizer:
         with self._lock:
             if self._optimizer.is_alive():
                 self._optimizer.shutdown()
-
-
-class _ReceivedStateRecorder(DecentralizedAverager):
-    """Remembers the epoch of the last state downloaded from a peer.
-
-    hivemind's TrainingStateAverager.load_state_from_peers returns None whether it loaded a state or not; placed
-    between it and DecentralizedAverager in the MRO, this class sees what the download returned.
-    """
-
-    received_epoch: int | None = None
-
-    def load_state_from_peers(self, **kwargs):
-        loaded = super().load_state_from_peers(**kwargs)
-        if loaded is not None and isinstance(loaded[0].get("epoch"), int):
-            self.received_epoch = loaded[0]["epoch"]
-        return loaded
-
-
-class _DiesWithPeer(DecentralizedAverager):
-    """hivemind runs each averager in a forked process; a peer killed with SIGKILL would leave them running,
-    holding its stage's DHT keys. The kernel kills them (PR_SET_PDEATHSIG) when the peer's process dies."""
-
-    def run(self):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() == 1:  # the peer died before the request took effect
-            os._exit(0)
-        super().run()
-
-
-class _GradientAverager(GradientAverager, _DiesWithPeer):
-    """hivemind's GradientAverager, tied to the peer's process."""
-
-
-class _StateAverager(TrainingStateAverager, _ReceivedStateRecorder, _DiesWithPeer):
-    """TrainingStateAverager that records whether load_state_from_peers received a state, and writes the served
-    parameters only under `parameters_lock`.
-
-    With the optimizer offloaded (hivemind's default when given parameters), every write to the model's parameters
-    (optimizer steps, averaged state, downloaded state) goes through `_apply_optimizer_parameters_`: holding the
-    peer's parameter lock there keeps them from changing under a forward or backward pass, while matchmaking and
-    all-reduce still run unlocked.
-
-    hivemind creates the optimizer's state with a step on zero gradients, which Adam counts: every real step then
-    used the bias correction of the step after it (the first update was 0.74 of Adam's). The count starts at 0 here.
-    """
-
-    def __init__(self, *, parameters_lock: threading.Lock, **kwargs):
-        self.parameters_lock = parameters_lock
-        super().__init__(**kwargs)
-        for state in self.optimizer.state.values():
-            if isinstance(state.get("step"), torch.Tensor):
-                state["step"].zero_()
-            elif "step" in state:
-                state["step"] = 0
-
-    def _apply_optimizer_parameters_(self):
-        with self.parameters_lock:
-            super()._apply_optimizer_parameters_()
-
-
-class _SampleCountingTracker(ProgressTracker):
-    """hivemind's progress tracker, with two changes for stages whose peers get micro-batches unevenly.
-
-    hivemind ends an epoch when the stage has `target_batch_size` samples *or* when a time it extrapolates from
-    the stage's recent speed has passed. A trainer that waits for each step before its next batch makes that speed
-    meaningless, and steps would then come with part of a batch. Here an epoch ends on samples alone; samples that a
-    dead peer reported still count until its record expires.
-
-    hivemind's reporter also stays silent until a peer has samples: a stage-mate that got no micro-batch is invisible,
-    and a peer that sees no mate steps alone and skips the averaging. Here every peer publishes its progress.
-    """
-
-    @property
-    def ready_to_update_epoch(self) -> bool:
-        return (
-            self.global_epoch > self.local_progress.epoch
-            or self.global_progress.samples_accumulated >= self.target_batch_size
-        )
-
-    async def _progress_reporter(self) -> None:
-        loop = asyncio.get_running_loop()
-        while not self.shutdown_triggered.is_set():  # `shutdown` removes the record
-            self.should_report_progress.clear()
-            stored_at = get_dht_time()
-            try:
-                await asyncio.wait_for(
-                    self.dht.store(
-                        key=self.training_progress_key,
-                        subkey=self._local_public_key,
-                        value=self.local_progress.dict(),
-                        expiration_time=stored_at + self.metadata_expiration,
-                        return_future=True,
-                    ),
-                    timeout=self.metadata_expiration,
-                )
-            except (TimeoutError, OSError) as error:  # the next report tries again
-                logger.debug("could not publish the stage progress: %s", error)
-            await loop.run_in_executor(None, self.should_report_progress.wait, self.metadata_expiration / 2)
-
-
-class _HivemindOptimizer(Optimizer):
-    """hivemind.Optimizer with a `_StateAverager` and a `_SampleCountingTracker`; the arguments mirror hivemind
-    1.1.12's `_make_state_averager` and `_make_progress_tracker`."""
-
-    def __init__(self, *, parameters_lock: threading.Lock, **kwargs):
-        self._parameters_lock = parameters_lock
-        super().__init__(**kwargs)
-
-    def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
-        return _StateAverager(
-            parameters_lock=self._parameters_lock,
-            dht=self.dht,
-            prefix=f"{self.run_id}_state_averager",
-            min_matchmaking_time=self.matchmaking_time,
-            allreduce_timeout=self.allreduce_timeout,
-            shutdown_timeout=self.shutdown_timeout,
-            offload_optimizer=self.offload_optimizer,
-            custom_gradients=self.offload_optimizer,
-            status_loglevel=self.status_loglevel,
-            next_chunk_timeout=self.next_chunk_timeout,
-            client_mode=self.client_mode,
-            auxiliary=self.auxiliary,
-            start=True,
-            **kwargs,
-        )
-
-    def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> ProgressTracker:
-        return _SampleCountingTracker(
-            dht=self.dht,
-            prefix=self.run_id,
-            target_batch_size=target_batch_size,
-            client_mode=self.client_mode,
-            status_loglevel=self.status_loglevel,
-            start=True,
-            **kwargs,
-        )
-
-    def _maybe_schedule_gradient_averaging(self) -> None:
-        """Books no round ahead. hivemind books one at a time it extrapolates from the sample rate, while a
-        stage-mate that follows the stage without micro-batches (`StageOptimizer.follow_stage`) starts looking when
-        the batch is complete: the two would wait in different rounds until the averaging timeout. Every peer starts
-        matchmaking when it steps instead."""
-
-    def _maybe_schedule_state_averaging(self) -> None:
-        """Books no round ahead, for the reason given in `_maybe_schedule_gradient_averaging`."""
-
-    def _begin_averaging_gradients(self, grad_scaler) -> bool:
-        # hivemind keeps the previous step's (spent) round in `scheduled_grads` until it books the next one; with no
-        # booking, it would take that spent round as "used elsewhere" and skip averaging on every other step
-        self.scheduled_grads = None
-        return super()._begin_averaging_gradients(grad_scaler)
