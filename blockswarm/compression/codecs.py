@@ -23,7 +23,7 @@ MAGIC = b"BT"
 MAX_NDIM = 8
 _HEADER = struct.Struct("<2sBBB")
 
-DTYPES: dict[int, torch.dtype] = {
+WIRE_DTYPES: dict[int, torch.dtype] = {  # dtype id in a payload header -> dtype
     0: torch.float32,
     1: torch.float16,
     2: torch.bfloat16,
@@ -31,7 +31,7 @@ DTYPES: dict[int, torch.dtype] = {
     4: torch.int64,
     5: torch.int32,
 }
-_DTYPE_IDS = {dtype: code for code, dtype in DTYPES.items()}
+_DTYPE_IDS = {dtype: code for code, dtype in WIRE_DTYPES.items()}
 
 
 class WireFormatError(ValueError):
@@ -51,7 +51,7 @@ class Codec(ABC):
 
     @abstractmethod
     def accepts(self, dtype: torch.dtype) -> bool:
-        """Whether tensors of `dtype` (one of DTYPES) can travel with this codec."""
+        """Whether tensors of `dtype` (one of WIRE_DTYPES) can travel with this codec."""
 
     @abstractmethod
     def payload_size(self, numel: int, dtype: torch.dtype) -> int:
@@ -171,7 +171,7 @@ def decode_tensor(data: bytes | bytearray | memoryview) -> torch.Tensor:
         raise WireFormatError("not a blockswarm tensor payload (bad magic bytes)")
     if codec_id not in _CODECS_BY_ID:
         raise WireFormatError(f"unknown codec id {codec_id}")
-    if dtype_id not in DTYPES:
+    if dtype_id not in WIRE_DTYPES:
         raise WireFormatError(f"unknown dtype id {dtype_id}")
     if ndim > MAX_NDIM:
         raise WireFormatError(f"tensor header claims {ndim} dims (at most {MAX_NDIM})")
@@ -179,7 +179,7 @@ def decode_tensor(data: bytes | bytearray | memoryview) -> torch.Tensor:
     if len(data) < offset:
         raise WireFormatError("tensor payload is truncated inside its shape")
     shape = struct.unpack_from(f"<{ndim}I", data, _HEADER.size)
-    dtype = DTYPES[dtype_id]
+    dtype = WIRE_DTYPES[dtype_id]
     spec = _CODECS_BY_ID[codec_id]
     if not spec.accepts(dtype):
         raise WireFormatError(f"codec {spec.name!r} cannot carry {dtype} tensors")
