@@ -10,6 +10,7 @@ from blockswarm.client import DistributedModelForCausalLM
 from blockswarm.client.tuning import TuningConfig
 from blockswarm.models import load_blocks, load_ends
 from blockswarm.models.adapters import BlockAdapter
+from blockswarm.wire.messages import AdapterSpec
 
 TUNINGS = {
     "soft_prompt": TuningConfig(prompt_len=4),
@@ -128,3 +129,13 @@ def test_tuning_config_errors():
         TuningConfig(deep_prompts=True)
     with pytest.raises(ValueError, match="lora_targets"):
         TuningConfig(lora_rank=2, lora_targets=("qkv",))
+
+
+def test_client_and_wire_share_one_lora_definition():
+    """TuningConfig and the AdapterSpec peers receive accept the same targets and agree on the scale."""
+    for make in (TuningConfig, AdapterSpec):
+        with pytest.raises(ValueError, match=r"unknown LoRA target\(s\) \['qkv'\] in lora_targets"):
+            make(lora_rank=2, lora_targets=("q_proj", "qkv"))
+    tuning = TUNINGS["lora"]
+    spec = AdapterSpec(lora_rank=tuning.lora_rank, lora_alpha=tuning.lora_alpha, lora_targets=tuning.lora_targets)
+    assert spec.lora_scale == tuning.lora_scale == 4.0

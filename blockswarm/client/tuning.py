@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from blockswarm.models import ModelConfig, ModelEnds
-from blockswarm.models.adapters import LORA_TARGETS, lora_shapes
+from blockswarm.models.adapters import check_lora_targets, lora_scaling, lora_shapes
 from blockswarm.wire.adapters import AdapterTensors
 from blockswarm.wire.messages import AdapterSpec
 
@@ -41,15 +41,14 @@ class TuningConfig:
             raise ValueError("prompt_len and lora_rank must be >= 0")
         if self.deep_prompts and not self.prompt_len:
             raise ValueError("deep_prompts need prompt positions: set prompt_len > 0")
-        unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
-        if unknown:
-            raise ValueError(f"unknown lora_targets {unknown}; choose from {', '.join(LORA_TARGETS)}")
+        check_lora_targets(self.lora_targets)
         if self.lora_head and not self.lora_rank:
             raise ValueError("lora_head needs lora_rank > 0")
 
     @property
     def lora_scale(self) -> float:
-        return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
+        """The scale of every LoRA delta, the remote blocks' (AdapterSpec.lora_scale) and the head's alike."""
+        return lora_scaling(self.lora_alpha, self.lora_rank)
 
 
 class Adapters(nn.Module):

@@ -17,6 +17,19 @@ from blockswarm.models.config import ModelConfig
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def check_lora_targets(targets: tuple[str, ...]) -> tuple[str, ...]:
+    """`targets` if every one is a projection LoRA can adapt; the one check that clients and peers share."""
+    unknown = sorted(set(targets) - set(LORA_TARGETS))
+    if unknown:
+        raise ValueError(f"unknown LoRA target(s) {unknown} in lora_targets; choose from {', '.join(LORA_TARGETS)}")
+    return targets
+
+
+def lora_scaling(alpha: float, rank: int) -> float:
+    """LoRA scales its delta by alpha / rank, so that changing the rank keeps the update's size."""
+    return alpha / rank if rank else 0.0
+
+
 def lora_shapes(config: ModelConfig, target: str, rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """Shapes of LoRA's (A, B) for one projection of a block: A [rank, in_features], B [out_features, rank]."""
     attention = config.num_heads * config.head_dim

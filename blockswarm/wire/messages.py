@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from blockswarm.models.adapters import check_lora_targets, lora_scaling
 
 INFO_RPC = "blockswarm.info"
 INFERENCE_RPC = "blockswarm.inference"
@@ -18,16 +20,25 @@ class Message(BaseModel):
 
 
 class AdapterSpec(Message):
-    """Which adapter tensors follow: per block a deep prompt if `prompt_len`, LoRA (A, B) per target if `lora_rank`."""
+    """Which adapter tensors follow: per block a deep prompt if `prompt_len`, LoRA (A, B) per target if `lora_rank`.
+
+    The one definition of a valid adapter for clients and peers alike: a spec with an unknown LoRA target cannot be
+    built, nor read off the wire.
+    """
 
     prompt_len: int = Field(default=0, ge=0, le=MAX_PROMPT_LEN)
     lora_rank: int = Field(default=0, ge=0, le=MAX_LORA_RANK)
     lora_alpha: float = Field(default=1.0, allow_inf_nan=False)
     lora_targets: tuple[str, ...] = Field(default=(), max_length=16)
 
+    @field_validator("lora_targets")
+    @classmethod
+    def _known_targets(cls, targets: tuple[str, ...]) -> tuple[str, ...]:
+        return check_lora_targets(targets)
+
     @property
     def lora_scale(self) -> float:
-        return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
+        return lora_scaling(self.lora_alpha, self.lora_rank)
 
     @property
     def lora_tensors_per_block(self) -> int:
