@@ -242,7 +242,7 @@ def run_dht(args: argparse.Namespace) -> None:
 
 
 def run_server(args: argparse.Namespace) -> None:
-    from blockswarm.peer.handlers import ServingLimits
+    from blockswarm.peer.limits import ServingLimits
     from blockswarm.peer.server import Server, ServerOptions
     from blockswarm.peer.stage_training import StageTrainingOptions
 

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 from hivemind.p2p import PeerID
+from hivemind.proto.p2pd_pb2 import RPCError
 
 from blockswarm.compression.codecs import encode_tensor
-from blockswarm.models import load_blocks
+from blockswarm.models import load_blocks, load_config
+from blockswarm.peer.backend import BlockBackend
+from blockswarm.peer.cache import CachePool
+from blockswarm.peer.handlers import RequestHandlers
+from blockswarm.peer.limits import ServingLimits
 from blockswarm.pipeline.hops import PeerError
 from blockswarm.pipeline.streams import PeerStream, call
 from blockswarm.wire.messages import (
@@ -20,6 +27,7 @@ from blockswarm.wire.messages import (
     OpenSession,
     StepReply,
 )
+from blockswarm.wire.transport import Frame, encode
 
 HIDDEN = 256  # tiny preset
 
@@ -167,7 +175,11 @@ BAD_ADAPTERS = {
         r"expected 7 tensors \(1 of activations, 6 of the adapter\), got 6",
     ),
     "wrong LoRA shape": (LORA, [torch.zeros(2, HIDDEN), torch.zeros(HIDDEN, 3)] * 3, r"LoRA B of q_proj .* \[256, 2\]"),
-    "unknown target": (AdapterSpec(lora_rank=2, lora_targets=("qkv",)), [torch.zeros(2, HIDDEN)] * 6, "unknown LoRA"),
+    "unknown target": (  # a client cannot build this spec; built unchecked, it shows what a peer makes of it
+        AdapterSpec.model_construct(lora_rank=2, lora_targets=("qkv",)),
+        [torch.zeros(2, HIDDEN)] * 6,
+        "unknown LoRA",
+    ),
     "wrong prompt shape": (AdapterSpec(prompt_len=3), [torch.zeros(3, 1, 2, HIDDEN)], r"deep prompts must have shape"),
     "non-finite prompt": (AdapterSpec(prompt_len=2), [torch.full((3, 1, 2, HIDDEN), float("nan"))], "finite"),
 }
@@ -178,6 +190,32 @@ def test_bad_adapter_gets_error_reply(client, first_peer, case):
     spec, tensors, message = BAD_ADAPTERS[case]
     with pytest.raises(PeerError, match=message):
         adapter_forward(client, first_peer, spec, tensors)
+
+
+def test_adapter_over_max_adapter_bytes_is_refused_before_decoding(tiny_model):
+    """The adapter allowance holds on its own, not only as part of the frame's: a valid adapter over it is refused."""
+    blocks = load_blocks(tiny_model, 0, 3, progress=False)
+    backend = BlockBackend(load_config(tiny_model), blocks, 0, torch.float32, torch.device("cpu"))
+    limits = ServingLimits(max_adapter_bytes=2**16)
+    prompts = torch.zeros(3, 1, 32, HIDDEN)  # 96 KiB: over the adapter allowance, far within the frame's limit
+    request = Frame(
+        ChainRequest(start=0, end=3, adapter=AdapterSpec(prompt_len=32)), encode([torch.randn(1, 2, HIDDEN), prompts])
+    )
+    assert request.nbytes() < limits.max_request_bytes(HIDDEN)
+
+    async def forward_once() -> list:
+        handlers = RequestHandlers("tiny", backend, CachePool(64, 3, backend.make_cache), limits, dict)
+
+        async def requests():
+            for message in request.messages():
+                yield message
+
+        return [reply async for reply in handlers.rpc_forward(requests(), None)]
+
+    (reply,) = asyncio.run(forward_once())
+    assert isinstance(reply, RPCError) and reply.message == (
+        f"adapter tensors take {request.nbytes(1)} bytes, more than this peer's limit of 65536 (max_adapter_bytes)"
+    )
 
 
 def test_training_request_to_frozen_peer_is_refused(client, first_peer):

@@ -9,8 +9,18 @@ import torch
 from hivemind.proto import runtime_pb2
 
 from blockswarm.compression.codecs import WireFormatError, decode_tensor, encode_tensor
-from blockswarm.wire.framing import CHUNK_BYTES, FramingError, pack, receive
-from blockswarm.wire.messages import ChainRequest
+from blockswarm.wire.messages import ChainRequest, StepReply
+from blockswarm.wire.transport import (
+    CHUNK_BYTES,
+    REPLY,
+    Frame,
+    FramingError,
+    UndecodableTensor,
+    WireError,
+    encode,
+    read_frame,
+    read_meta,
+)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -68,20 +78,37 @@ async def _as_stream(messages):
 def test_large_frames_are_chunked_and_reassembled():
     big = torch.randn(3 * CHUNK_BYTES // 4 + 5)
     payloads = [encode_tensor(big), encode_tensor(torch.randn(4))]
-    messages = list(pack(ChainRequest(start=1, end=3), payloads))
+    messages = list(Frame(ChainRequest(start=1, end=3), payloads).messages())
     assert len(messages) == 4 and all(m.ByteSize() <= CHUNK_BYTES + 1024 for m in messages)
-    meta, received = asyncio.run(receive(_as_stream(messages), ChainRequest, max_bytes=2**30))
+    frame = asyncio.run(read_frame(_as_stream(messages), ChainRequest, max_bytes=2**30))
+    meta, received = frame.meta, frame.payloads
     assert meta == ChainRequest(start=1, end=3)
     assert torch.equal(decode_tensor(received[0]), big)
 
 
 def test_frames_over_the_limit_or_short_are_rejected():
-    messages = list(pack(ChainRequest(start=0, end=1), [encode_tensor(torch.randn(1000))]))
+    messages = list(Frame(ChainRequest(start=0, end=1), [encode_tensor(torch.randn(1000))]).messages())
     with pytest.raises(FramingError, match="limit is 100"):
-        asyncio.run(receive(_as_stream(messages), ChainRequest, max_bytes=100))
-    big = list(pack(None, [encode_tensor(torch.randn(CHUNK_BYTES))]))
+        asyncio.run(read_frame(_as_stream(messages), ChainRequest, max_bytes=100))
+    big = list(Frame(None, [encode_tensor(torch.randn(CHUNK_BYTES))]).messages())
     with pytest.raises(FramingError, match="stream ended after"):
-        asyncio.run(receive(_as_stream(big[:1]), None, max_bytes=2**30))
+        asyncio.run(read_frame(_as_stream(big[:1]), None, max_bytes=2**30))
     bad_meta = runtime_pb2.ExpertRequest(metadata=b"\xc1not msgpack")
     with pytest.raises(FramingError, match="malformed message metadata"):
-        asyncio.run(receive(_as_stream([bad_meta]), ChainRequest, max_bytes=2**30))
+        asyncio.run(read_frame(_as_stream([bad_meta]), ChainRequest, max_bytes=2**30))
+
+
+def test_frames_decode_each_tensor_with_its_codec_and_fail_as_wire_errors():
+    tensors = [torch.randn(2, 3), torch.randn(4)]
+    frame = Frame(StepReply(position=5), encode(tensors[:1], "fp16") + encode(tensors[1:]))
+    received = asyncio.run(read_frame(_as_stream(frame.messages(REPLY)), StepReply, max_bytes=2**20))
+    assert received.meta == StepReply(position=5) and received.nbytes() == frame.nbytes()
+    first, second = received.tensors()
+    assert torch.equal(first, tensors[0].half().float()) and torch.equal(second, tensors[1])
+    with pytest.raises(UndecodableTensor, match="bytes were sent") as error:
+        Frame(None, [frame.payloads[0][:-1]]).tensors()
+    assert isinstance(error.value, WireError)
+    (unary,) = Frame(StepReply(position=1), []).messages(REPLY)
+    assert read_meta(unary, StepReply) == StepReply(position=1)
+    with pytest.raises(FramingError, match="limit is 0"):
+        read_meta(next(frame.messages(REPLY)), StepReply)

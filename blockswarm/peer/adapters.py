@@ -6,9 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from blockswarm.compression.codecs import decode_tensor
 from blockswarm.models import ModelConfig
-from blockswarm.models.adapters import LORA_TARGETS, BlockAdapter, lora_shapes
+from blockswarm.models.adapters import BlockAdapter, lora_shapes
 from blockswarm.wire.adapters import AdapterTensors
 from blockswarm.wire.messages import AdapterSpec
 
@@ -28,22 +27,20 @@ class ReceivedAdapter:
 
 def receive_adapter(
     spec: AdapterSpec,
-    payloads: list[bytes],
+    received: list[torch.Tensor],
     config: ModelConfig,
     num_blocks: int,
     batch_size: int,
     device: torch.device,
     requires_grad: bool = False,
 ) -> ReceivedAdapter:
-    """Decode and check an adapter; with `requires_grad`, a backward pass can return gradients w.r.t. it."""
-    tensors = [decode_tensor(payload).to(device, torch.float32).requires_grad_(requires_grad) for payload in payloads]
+    """Check a decoded adapter against the served blocks (`spec` itself, its LoRA targets included, was validated
+    when it was read); with `requires_grad`, a backward pass can return gradients w.r.t. it."""
+    tensors = [tensor.to(device, torch.float32).requires_grad_(requires_grad) for tensor in received]
     try:
         adapter = AdapterTensors.from_flat(spec, num_blocks, tensors)
     except ValueError as e:
         raise AdapterError(str(e)) from None
-    unknown = sorted(set(spec.lora_targets) - set(LORA_TARGETS))
-    if unknown:
-        raise AdapterError(f"unknown LoRA target(s) {unknown}; choose from {', '.join(LORA_TARGETS)}")
     if spec.lora_rank and not spec.lora_targets:
         raise AdapterError("lora_rank is set but lora_targets is empty")
     if adapter.prompts is not None:

@@ -1,65 +1,62 @@
 """RPC handlers: validate every request, run it on the backend, reply or explain what was wrong.
 
 A bad request gets an error reply on its own stream; it never reaches the math and never stops the peer.
+Requests and replies are frames of wire/transport.py, read and written the same way as on the client's side.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
+import functools
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
 
 import torch
 from hivemind.p2p import P2P, P2PContext
-from hivemind.proto import runtime_pb2
-from hivemind.proto.p2pd_pb2 import RPCError
 
-from blockswarm.compression.codecs import CODECS, WireFormatError, decode_tensor, encode_tensor
+from blockswarm.compression.codecs import CODECS
 from blockswarm.peer.adapters import AdapterError, ReceivedAdapter, receive_adapter
 from blockswarm.peer.backend import BlockBackend
 from blockswarm.peer.cache import CacheFullError, CachePool
-from blockswarm.wire.framing import FramingError, pack, receive
+from blockswarm.peer.limits import RequestError, ServingLimits
+from blockswarm.wire.adapters import ADAPTER_CODEC
 from blockswarm.wire.messages import (
     BACKWARD_RPC,
     FORWARD_RPC,
     INFERENCE_RPC,
     INFO_RPC,
-    AdapterSpec,
     ChainRequest,
     InferenceStep,
     OpenSession,
     PeerStatus,
     StepReply,
 )
+from blockswarm.wire.transport import REPLY, REQUEST, Frame, M, WireError, encode, error_message, read_frame
 
-logger = logging.getLogger(__name__)
-
-ACCEPTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INLINE_STEP_TOKENS = 16  # decoding steps this small run on the event loop: a thread hand-off would cost more
-
-
-class RequestError(ValueError):
-    """The request is invalid; its message is sent back to the caller verbatim."""
 
 
 class PeerLeaving(RuntimeError):
     """The peer is shutting down: the caller should continue with another peer."""
 
 
-@dataclass(frozen=True)
-class ServingLimits:
-    max_batch_tokens: int = 8192  # batch x sequence tokens in one forward/backward/inference step
-    max_session_length: int = 8192
-    session_timeout: float = 120.0  # idle seconds before an inference session is closed and its cache freed
-    step_timeout: float = 300.0  # the most a client may wait between messages of one frame
-    alloc_timeout: float = 10.0  # how long a new session waits for cache room
+# what refuses one request: its caller gets the message as an error reply, and the peer goes on serving
+REFUSALS = (RequestError, AdapterError, CacheFullError, PeerLeaving, WireError)
 
-    max_adapter_bytes: int = 2**26  # deep prompts and LoRA weights a client may send with one request
 
-    def max_request_bytes(self, hidden_size: int) -> int:
-        return 2 * self.max_batch_tokens * hidden_size * 4 + self.max_adapter_bytes + 2**16
+def _refusing(handler: Callable[..., AsyncIterator]) -> Callable[..., AsyncIterator]:
+    """A stream handler that answers a refused request with an error reply."""
+
+    @functools.wraps(handler)
+    async def refusing(self: RequestHandlers, requests: AsyncIterator, context: P2PContext) -> AsyncIterator:
+        try:
+            async for message in handler(self, requests, context):
+                yield message
+        except REFUSALS as e:
+            yield error_message(str(e))
+            await self._drain(requests)
+
+    return refusing
 
 
 class RequestHandlers:
@@ -81,17 +78,15 @@ class RequestHandlers:
         self.active_requests = 0
 
     async def register(self, p2p: P2P) -> None:
-        await p2p.add_protobuf_handler(INFO_RPC, self.rpc_info, runtime_pb2.ExpertRequest)
+        await p2p.add_protobuf_handler(INFO_RPC, self.rpc_info, REQUEST)
         for name, handler in (
             (INFERENCE_RPC, self.rpc_inference),
             (FORWARD_RPC, self.rpc_forward),
             (BACKWARD_RPC, self.rpc_backward),
         ):
-            await p2p.add_protobuf_handler(
-                name, handler, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
-            )
+            await p2p.add_protobuf_handler(name, handler, REQUEST, stream_input=True, stream_output=True)
 
-    async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+    async def rpc_info(self, request: REQUEST, context: P2PContext) -> REPLY:
         status = PeerStatus(
             model=self.model,
             start=self.backend.start,
@@ -103,22 +98,21 @@ class RequestHandlers:
             session_timeout=self.limits.session_timeout,
             **self._status(),
         )
-        return next(pack(status, [], runtime_pb2.ExpertResponse))
+        return next(Frame(status, []).messages(REPLY))
 
+    @_refusing
     async def rpc_inference(self, requests: AsyncIterator, context: P2PContext) -> AsyncIterator:
         try:
-            frame = await self._receive(requests, OpenSession, self.limits.step_timeout)
-            if frame is None:
+            opening = await self._receive(requests, OpenSession)
+            if opening is None:
                 return
-            session, adapter_payloads = frame
+            session = opening.meta
             self._check_not_leaving()
             self._check_span(session.start, session.end)
             self._check_codec(session.codec)
             if session.batch_size < 1 or session.max_length < 1:
                 raise RequestError("batch_size and max_length must be positive")
-            adapter = self._receive_adapter(
-                session.adapter, adapter_payloads, session.end - session.start, session.batch_size
-            )
+            adapter = self._receive_adapter(opening, 0, session.batch_size)
             if session.max_length > self.limits.max_session_length:
                 raise RequestError(
                     f"max_length {session.max_length} exceeds this peer's limit of {self.limits.max_session_length}"
@@ -132,12 +126,12 @@ class RequestHandlers:
                     frame = await self._next_step(requests)
                     if frame is None:
                         return
-                    step, payloads = frame
+                    step = frame.meta
                     if step.session_id != session.session_id:
                         raise RequestError(
                             f"unknown session {step.session_id!r}: this stream serves session {session.session_id!r}"
                         )
-                    hidden = self._decode_hidden(payloads, expected_batch=session.batch_size)
+                    hidden = self._decode_hidden(frame, expected_batch=session.batch_size)
                     seq_len = hidden.shape[1]
                     if not 0 <= step.position <= length:
                         raise RequestError(
@@ -149,6 +143,7 @@ class RequestHandlers:
                             f"step of {seq_len} tokens at position {step.position} exceeds the session's "
                             f"max_length of {session.max_length}"
                         )
+                    inline = hidden.shape[0] * seq_len <= INLINE_STEP_TOKENS
                     with self._active():
                         output = await self.backend.run(
                             self.backend.inference_step,
@@ -157,68 +152,55 @@ class RequestHandlers:
                             hidden,
                             step.position,
                             adapter,
-                            inline=hidden.shape[0] * seq_len <= INLINE_STEP_TOKENS,
+                            inline=inline,
                         )
                     length = step.position + seq_len
-                    for message in pack(
-                        StepReply(position=step.position),
-                        [encode_tensor(output, session.codec)],
-                        runtime_pb2.ExpertResponse,
-                    ):
+                    reply = Frame(StepReply(position=step.position), encode([output], session.codec))
+                    for message in reply.messages(REPLY):
                         yield message
-        except (RequestError, FramingError, WireFormatError, AdapterError, CacheFullError, PeerLeaving) as e:
-            yield RPCError(message=str(e))
-            await self._drain(requests)
         except TimeoutError:
-            yield RPCError(message=f"inference session closed after {self.limits.session_timeout:.0f} s idle")
+            yield error_message(f"inference session closed after {self.limits.session_timeout:.0f} s idle")
 
+    @_refusing
     async def rpc_forward(self, requests: AsyncIterator, context: P2PContext) -> AsyncIterator:
-        try:
-            request, payloads = await self._receive_chain_request(requests, num_activations=1)
-            hidden = self._decode_hidden(payloads[:1])
-            adapter = self._receive_adapter(request.adapter, payloads[1:], request.end - request.start, hidden.shape[0])
-            with self._active():
-                output = await self.backend.run(self.backend.forward, request.start, request.end, hidden, adapter)
-            for message in pack(None, [encode_tensor(output, request.codec)], runtime_pb2.ExpertResponse):
-                yield message
-        except (RequestError, FramingError, WireFormatError, AdapterError, PeerLeaving) as e:
-            yield RPCError(message=str(e))
-            await self._drain(requests)
+        frame = await self._receive_chain_request(requests, num_activations=1)
+        request = frame.meta
+        hidden = self._decode_hidden(frame, 0, 1)
+        adapter = self._receive_adapter(frame, 1, hidden.shape[0])
+        with self._active():
+            output = await self.backend.run(self.backend.forward, request.start, request.end, hidden, adapter)
+        for message in Frame(None, encode([output], request.codec)).messages(REPLY):
+            yield message
 
+    @_refusing
     async def rpc_backward(self, requests: AsyncIterator, context: P2PContext) -> AsyncIterator:
-        try:
-            request, payloads = await self._receive_chain_request(requests, num_activations=2)
-            hidden = self._decode_hidden(payloads[:1])
-            grad_output = self._decode_hidden(payloads[1:2])
-            if grad_output.shape != hidden.shape:
-                raise RequestError(f"grad_output shape {list(grad_output.shape)} != inputs shape {list(hidden.shape)}")
-            if request.train and not self.backend.trainable:
-                raise RequestError("this peer's blocks are frozen: only peers started with --train learn from backward")
-            if request.train and (request.start, request.end) != (self.backend.start, self.backend.end):
-                raise RequestError(
-                    f"a training peer learns from passes over its whole stage [{self.backend.start}, "
-                    f"{self.backend.end}), got [{request.start}, {request.end})"
-                )
-            adapter = self._receive_adapter(
-                request.adapter, payloads[2:], request.end - request.start, hidden.shape[0], requires_grad=True
+        frame = await self._receive_chain_request(requests, num_activations=2)
+        request = frame.meta
+        hidden = self._decode_hidden(frame, 0, 1)
+        grad_output = self._decode_hidden(frame, 1, 2)
+        if grad_output.shape != hidden.shape:
+            raise RequestError(f"grad_output shape {list(grad_output.shape)} != inputs shape {list(hidden.shape)}")
+        if request.train and not self.backend.trainable:
+            raise RequestError("this peer's blocks are frozen: only peers started with --train learn from backward")
+        if request.train and (request.start, request.end) != (self.backend.start, self.backend.end):
+            raise RequestError(
+                f"a training peer learns from passes over its whole stage [{self.backend.start}, "
+                f"{self.backend.end}), got [{request.start}, {request.end})"
             )
-            with self._active():
-                grad_input, *adapter_grads = await self.backend.run(
-                    self.backend.backward, request.start, request.end, hidden, grad_output, adapter, request.train
-                )
-            # adapter gradients go back exactly: they are small, and they are what the client's optimizer steps on
-            replies = [encode_tensor(grad_input, request.codec)] + [encode_tensor(g, "none") for g in adapter_grads]
-            for message in pack(None, replies, runtime_pb2.ExpertResponse):
-                yield message
-        except (RequestError, FramingError, WireFormatError, AdapterError, PeerLeaving) as e:
-            yield RPCError(message=str(e))
-            await self._drain(requests)
+        adapter = self._receive_adapter(frame, 2, hidden.shape[0], requires_grad=True)
+        with self._active():
+            grad_input, *adapter_grads = await self.backend.run(
+                self.backend.backward, request.start, request.end, hidden, grad_output, adapter, request.train
+            )
+        replies = encode([grad_input], request.codec) + encode(adapter_grads, ADAPTER_CODEC)
+        for message in Frame(None, replies).messages(REPLY):
+            yield message
 
-    async def _receive_chain_request(self, requests: AsyncIterator, num_activations: int):
-        frame = await self._receive(requests, ChainRequest, self.limits.step_timeout)
+    async def _receive_chain_request(self, requests: AsyncIterator, num_activations: int) -> Frame[ChainRequest]:
+        frame = await self._receive(requests, ChainRequest)
         if frame is None:
             raise RequestError("empty request")
-        request, payloads = frame
+        request, payloads = frame.meta, frame.payloads
         self._check_not_leaving()
         self._check_span(request.start, request.end)
         self._check_codec(request.codec)
@@ -228,30 +210,29 @@ class RequestHandlers:
                 f"expected {num_activations + adapter_tensors} tensors ({num_activations} of activations, "
                 f"{adapter_tensors} of the adapter), got {len(payloads)}"
             )
-        return request, payloads
+        return frame
 
     def _receive_adapter(
-        self,
-        spec: AdapterSpec | None,
-        payloads: list[bytes],
-        num_blocks: int,
-        batch_size: int,
-        requires_grad: bool = False,
+        self, frame: Frame[OpenSession | ChainRequest], begin: int, batch_size: int, requires_grad: bool = False
     ) -> ReceivedAdapter | None:
-        if spec is None:
-            if payloads:
-                raise RequestError(f"{len(payloads)} unexpected tensor(s) after the activations, and no adapter")
+        """The adapter of the request's blocks in its payloads from `begin` on; its size is checked before decoding."""
+        request, count, size = frame.meta, len(frame.payloads) - begin, frame.nbytes(begin)
+        if request.adapter is None:
+            if count:
+                raise RequestError(f"{count} unexpected tensor(s) after the activations, and no adapter")
             return None
-        return receive_adapter(
-            spec, payloads, self.backend.config, num_blocks, batch_size, self.backend.device, requires_grad
-        )
+        self.limits.check_adapter_bytes(size)
+        num_blocks, config, device = request.end - request.start, self.backend.config, self.backend.device
+        tensors = frame.tensors(begin)
+        return receive_adapter(request.adapter, tensors, config, num_blocks, batch_size, device, requires_grad)
 
-    async def _receive(self, requests: AsyncIterator, schema, timeout: float):
-        return await asyncio.wait_for(receive(requests, schema, self._max_bytes), timeout)
+    async def _receive(self, requests: AsyncIterator, schema: type[M]) -> Frame[M] | None:
+        """A request's first frame: the client has step_timeout to send all of it."""
+        return await asyncio.wait_for(read_frame(requests, schema, self._max_bytes), self.limits.step_timeout)
 
-    async def _next_step(self, requests: AsyncIterator):
+    async def _next_step(self, requests: AsyncIterator) -> Frame[InferenceStep] | None:
         """The next frame of a session, unless the peer starts leaving or the client stays silent too long."""
-        receiving = asyncio.ensure_future(receive(requests, InferenceStep, self._max_bytes))
+        receiving = asyncio.ensure_future(read_frame(requests, InferenceStep, self._max_bytes))
         done, _ = await asyncio.wait(
             (receiving, self._leaving), timeout=self.limits.session_timeout, return_when=asyncio.FIRST_COMPLETED
         )
@@ -307,24 +288,12 @@ class RequestHandlers:
         if codec not in CODECS:
             raise RequestError(f"unsupported codec {codec!r}; this peer supports {sorted(CODECS)}")
 
-    def _decode_hidden(self, payloads: list[bytes], expected_batch: int | None = None) -> torch.Tensor:
-        if len(payloads) != 1:
-            raise RequestError(f"expected exactly one tensor of hidden states, got {len(payloads)}")
-        hidden = decode_tensor(payloads[0])
-        hidden_size = self.backend.config.hidden_size
-        if hidden.dim() != 3 or hidden.shape[-1] != hidden_size:
-            raise RequestError(
-                f"hidden states must have shape [batch, seq_len, {hidden_size}], got {list(hidden.shape)}"
-            )
-        if hidden.dtype not in ACCEPTED_DTYPES:
-            raise RequestError(f"hidden states must be float32, float16 or bfloat16, got {hidden.dtype}")
-        batch, seq_len, _ = hidden.shape
-        if batch < 1 or seq_len < 1:
-            raise RequestError(f"hidden states are empty: shape {list(hidden.shape)}")
-        if expected_batch is not None and batch != expected_batch:
-            raise RequestError(f"batch size {batch} != the session's batch size {expected_batch}")
-        if batch * seq_len > self.limits.max_batch_tokens:
-            raise RequestError(
-                f"{batch} x {seq_len} tokens exceed this peer's limit of {self.limits.max_batch_tokens} per request"
-            )
+    def _decode_hidden(
+        self, frame: Frame, begin: int = 0, end: int | None = None, expected_batch: int | None = None
+    ) -> torch.Tensor:
+        """The one tensor of hidden states among the frame's payloads [begin, end), checked."""
+        if len(frame.payloads[begin:end]) != 1:
+            raise RequestError(f"expected exactly one tensor of hidden states, got {len(frame.payloads[begin:end])}")
+        (hidden,) = frame.tensors(begin, end)
+        self.limits.check_hidden(hidden, self.backend.config.hidden_size, expected_batch)
         return hidden

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 import torch
 from hivemind.p2p import P2P
 
-from blockswarm.compression.codecs import encode_tensor
 from blockswarm.pipeline.hops import Hop, PeerError, Router
 from blockswarm.pipeline.retry import RetryPolicy, retry
-from blockswarm.pipeline.streams import adapter_payloads, call
-from blockswarm.wire.adapters import AdapterTensors
+from blockswarm.pipeline.streams import call
+from blockswarm.wire.adapters import AdapterTensors, adapter_payloads
 from blockswarm.wire.messages import BACKWARD_RPC, FORWARD_RPC, ChainRequest
+from blockswarm.wire.transport import encode
 
 
 @dataclass
@@ -126,7 +126,7 @@ class Chain:
             adapter=None if adapter is None else adapter.spec,
             train=self.train and rpc == BACKWARD_RPC,
         )
-        payloads = [encode_tensor(t, codec) for t in activations] + adapter_payloads(adapter, hop.start, hop.end)
+        payloads = encode(activations, codec) + adapter_payloads(adapter, hop.start, hop.end)
         try:
             return await call(self.p2p, hop.peer_id, rpc, request, payloads, self.timeout)
         except PeerError as error:

@@ -18,8 +18,8 @@ from hivemind.p2p import P2P
 from blockswarm.compression.codecs import decode_tensor, encode_tensor, get_codec
 from blockswarm.pipeline.hops import Hop, PeerError, Router
 from blockswarm.pipeline.retry import RetryPolicy, retry
-from blockswarm.pipeline.streams import PeerStream, adapter_payloads
-from blockswarm.wire.adapters import AdapterTensors
+from blockswarm.pipeline.streams import PeerStream
+from blockswarm.wire.adapters import AdapterTensors, adapter_payloads
 from blockswarm.wire.messages import INFERENCE_RPC, InferenceStep, OpenSession, StepReply
 
 REPLAY_CHUNK_TOKENS = 1024  # replayed history goes out in steps of at most this many tokens (x batch)

@@ -1,81 +1,45 @@
-"""One request/reply stream to one peer, with timeouts, turning every transport failure into PeerError."""
+"""One request/reply stream to one peer, with timeouts, turning every wire failure into PeerError."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 
 import torch
-from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError, PeerID
-from hivemind.proto import runtime_pb2
+from hivemind.p2p import P2P, PeerID
 
-from blockswarm.compression.codecs import WireFormatError, decode_tensor, encode_tensor
 from blockswarm.pipeline.hops import PeerError
-from blockswarm.wire.adapters import AdapterTensors
-from blockswarm.wire.framing import FramingError, pack, receive
 from blockswarm.wire.messages import Message
+from blockswarm.wire.transport import Frame, WireError, WireStream
 
 MAX_REPLY_BYTES = 2**31
 
 
 class PeerStream:
-    """A raw stream to one peer: frames are written as they are sent, replies are read one frame at a time.
+    """A `WireStream` to one peer whose failures (error replies, broken or closed streams, timeouts, undecodable
+    tensors) are PeerErrors naming that peer, which the pipeline retries elsewhere."""
 
-    Reading and writing the stream directly (rather than through a request iterator) means a stream closed
-    or reset by the peer's side surfaces at once as an error, never as a silent wait.
-    """
-
-    def __init__(self, peer_id: PeerID, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+    def __init__(self, peer_id: PeerID, stream: WireStream):
         self.peer_id = peer_id
-        self._reader = reader
-        self._writer = writer
+        self._stream = stream
 
     @classmethod
     async def open(cls, p2p: P2P, peer_id: PeerID, rpc: str, timeout: float) -> PeerStream:
-        try:
-            _, reader, writer = await asyncio.wait_for(p2p.call_binary_stream_handler(peer_id, rpc), timeout)
-        except (TimeoutError, P2PDaemonError, P2PHandlerError, OSError) as e:
-            raise PeerError(peer_id, f"could not open {rpc}: {e or type(e).__name__}") from e
-        return cls(peer_id, reader, writer)
+        with _peer_errors(peer_id):
+            return cls(peer_id, await WireStream.open(p2p, peer_id, rpc, timeout))
 
     def send(self, meta: Message | None, payloads: list[bytes]) -> None:
-        """Queue one frame for writing; `payloads` are tensors already encoded with `encode_tensor`."""
-        for message in pack(meta, payloads):
-            data = message.SerializeToString()
-            self._writer.write(P2P.MESSAGE_MARKER + len(data).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER))
-            self._writer.write(data)
+        """Queue one frame for writing; `payloads` are tensors already encoded (wire.transport.encode)."""
+        self._stream.send(Frame(meta, payloads))
 
     async def receive(self, schema: type[Message] | None, timeout: float) -> tuple[Message | None, list[torch.Tensor]]:
-        try:
-            await self._writer.drain()
-            frame = await asyncio.wait_for(receive(self._replies(), schema, MAX_REPLY_BYTES), timeout)
-        except TimeoutError:
-            raise PeerError(self.peer_id, f"no reply within {timeout:.1f} s") from None
-        except (OSError, FramingError, WireFormatError, asyncio.IncompleteReadError) as e:
-            raise PeerError(self.peer_id, f"broken reply: {e or type(e).__name__}") from e
-        if frame is None:
-            raise PeerError(self.peer_id, "the peer closed the stream")
-        meta, payloads = frame
-        try:
-            return meta, [decode_tensor(p) for p in payloads]
-        except WireFormatError as e:
-            raise PeerError(self.peer_id, f"undecodable reply: {e}") from e
-
-    async def _replies(self) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        while True:
-            try:
-                reply, error = await P2P.receive_protobuf(runtime_pb2.ExpertResponse, self._reader)
-            except asyncio.IncompleteReadError:
-                return  # the peer closed its side
-            if error is not None:
-                raise PeerError(self.peer_id, error.message)
-            yield reply
+        """The next reply's metadata and its decoded tensors."""
+        with _peer_errors(self.peer_id):
+            frame = await self._stream.receive(schema, MAX_REPLY_BYTES, timeout)
+            return frame.meta, frame.tensors()
 
     async def close(self) -> None:
-        with contextlib.suppress(OSError, RuntimeError):
-            await P2P.send_protobuf(P2P.END_OF_STREAM, self._writer)
-        self._writer.close()
+        await self._stream.close()
 
 
 async def call(
@@ -87,7 +51,7 @@ async def call(
     timeout: float,
 ) -> list[torch.Tensor]:
     """One request, one reply over a fresh stream (forward/backward carry tensors above the unary size limit).
-    `payloads` are tensors encoded with `encode_tensor`."""
+    `payloads` are tensors already encoded (wire.transport.encode)."""
     stream = await PeerStream.open(p2p, peer_id, rpc, timeout)
     try:
         stream.send(meta, payloads)
@@ -97,8 +61,9 @@ async def call(
         await stream.close()
 
 
-def adapter_payloads(adapter: AdapterTensors | None, start: int, end: int) -> list[bytes]:
-    """The adapter's part for blocks [start, end), encoded losslessly: these tensors are parameters."""
-    if adapter is None:
-        return []
-    return [encode_tensor(t.detach(), "none") for t in adapter.sliced(start, end).flat()]
+@contextlib.contextmanager
+def _peer_errors(peer_id: PeerID) -> Iterator[None]:
+    try:
+        yield
+    except WireError as e:
+        raise PeerError(peer_id, str(e)) from e

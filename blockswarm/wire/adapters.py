@@ -8,6 +8,10 @@ from dataclasses import dataclass
 import torch
 
 from blockswarm.wire.messages import AdapterSpec
+from blockswarm.wire.transport import encode
+
+# adapter tensors and their gradients travel exactly: they are parameters, and what the client's optimizer steps on
+ADAPTER_CODEC = "none"
 
 
 @dataclass
@@ -53,3 +57,8 @@ class AdapterTensors:
     def zeros_like(self) -> AdapterTensors:
         prompts = None if self.prompts is None else torch.zeros_like(self.prompts)
         return AdapterTensors(self.spec, prompts, [[torch.zeros_like(t) for t in block] for block in self.lora])
+
+
+def adapter_payloads(adapter: AdapterTensors | None, begin: int, end: int) -> list[bytes]:
+    """The encoded tensors of `adapter`'s blocks [begin, end), as they follow a request's activations."""
+    return [] if adapter is None else encode(adapter.sliced(begin, end).flat(), ADAPTER_CODEC)

@@ -7,19 +7,15 @@ import time
 from dataclasses import dataclass, field
 
 from hivemind.p2p import P2P, PeerID
-from hivemind.proto import runtime_pb2
 
-from blockswarm.wire.framing import unpack_header
 from blockswarm.wire.messages import INFO_RPC, PeerStatus
+from blockswarm.wire.transport import REPLY, REQUEST, read_meta
 
 
 async def request_status(p2p: P2P, peer_id: PeerID, timeout: float = 5.0) -> PeerStatus:
     """The peer's `info` reply; raises TimeoutError, a transport error, or FramingError for a malformed reply."""
-    reply = await asyncio.wait_for(
-        p2p.call_protobuf_handler(peer_id, INFO_RPC, runtime_pb2.ExpertRequest(), runtime_pb2.ExpertResponse),
-        timeout,
-    )
-    return unpack_header(reply, PeerStatus, 0)[0]
+    reply = await asyncio.wait_for(p2p.call_protobuf_handler(peer_id, INFO_RPC, REQUEST(), REPLY), timeout)
+    return read_meta(reply, PeerStatus)
 
 
 async def measure_rtt(p2p: P2P, peer_id: PeerID, timeout: float = 5.0) -> float | None:

@@ -1,0 +1,60 @@
+"""What a peer accepts from one client: sizes of requests and sessions, and how long it waits for them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+ACCEPTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class RequestError(ValueError):
+    """The request is invalid; its message is sent back to the caller verbatim."""
+
+
+@dataclass(frozen=True)
+class ServingLimits:
+    max_batch_tokens: int = 8192  # batch x sequence tokens in one forward/backward/inference step
+    max_session_length: int = 8192
+    # idle seconds before an inference session is closed and its cache freed: the most a session's next step
+    # (all of its frame) may take to arrive
+    session_timeout: float = 120.0
+    # the most a client may take to send the whole first frame of a request: a forward/backward request or an
+    # inference session's opening
+    step_timeout: float = 300.0
+    # how long a new session waits for cache room, and how long a refused request's stream is read to its end
+    alloc_timeout: float = 10.0
+
+    # encoded bytes of the deep prompts and LoRA weights a client may send with one request or session opening
+    max_adapter_bytes: int = 2**26
+
+    def max_request_bytes(self, hidden_size: int) -> int:
+        """Tensor bytes one frame may carry: two activations of max_batch_tokens (float32), an adapter, slack."""
+        return 2 * self.max_batch_tokens * hidden_size * 4 + self.max_adapter_bytes + 2**16
+
+    def check_hidden(self, hidden: torch.Tensor, hidden_size: int, expected_batch: int | None = None) -> None:
+        """Raise RequestError unless `hidden` are hidden states [batch, seq_len, hidden_size] within the limits."""
+        if hidden.dim() != 3 or hidden.shape[-1] != hidden_size:
+            raise RequestError(
+                f"hidden states must have shape [batch, seq_len, {hidden_size}], got {list(hidden.shape)}"
+            )
+        if hidden.dtype not in ACCEPTED_DTYPES:
+            raise RequestError(f"hidden states must be float32, float16 or bfloat16, got {hidden.dtype}")
+        batch, seq_len, _ = hidden.shape
+        if batch < 1 or seq_len < 1:
+            raise RequestError(f"hidden states are empty: shape {list(hidden.shape)}")
+        if expected_batch is not None and batch != expected_batch:
+            raise RequestError(f"batch size {batch} != the session's batch size {expected_batch}")
+        if batch * seq_len > self.max_batch_tokens:
+            raise RequestError(
+                f"{batch} x {seq_len} tokens exceed this peer's limit of {self.max_batch_tokens} per request"
+            )
+
+    def check_adapter_bytes(self, size: int) -> None:
+        """Raise RequestError when an adapter's encoded tensors (`size` bytes) are more than a client may send."""
+        if size > self.max_adapter_bytes:
+            raise RequestError(
+                f"adapter tensors take {size} bytes, more than this peer's limit of {self.max_adapter_bytes} "
+                "(max_adapter_bytes)"
+            )
