@@ -1,1 +1,1 @@
-"""What crosses the network between a client and a peer: RPC names, message schemas, framing."""
+"""What crosses the network between a client and a peer: RPC names, message schemas, and frames (transport.py)."""
