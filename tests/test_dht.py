@@ -48,9 +48,7 @@ def _model() -> ModelInfo:
 
 
 def test_server_info_round_trip():
-    info = _server(
-        codecs=["8bit", "none"], public_name="alice", next_pings={PEER_ID.to_base58(): 0.02}
-    )
+    info = _server(codecs=["8bit", "none"], public_name="alice", next_pings={PEER_ID.to_base58(): 0.02})
     wire = MSGPackSerializer.loads(MSGPackSerializer.dumps(info.to_wire()))
     assert ServerInfo.from_wire(wire) == info
     assert wire["state"] == "online" and wire["_bs"] == "server"

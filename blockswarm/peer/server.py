@@ -21,8 +21,9 @@ from blockswarm.peer.announcer import Announcer, PeerProfile
 from blockswarm.peer.backend import BlockBackend
 from blockswarm.peer.balancer import Balancer
 from blockswarm.peer.cache import CachePool
-from blockswarm.peer.handlers import RequestHandlers, ServingLimits
+from blockswarm.peer.handlers import RequestHandlers
 from blockswarm.peer.lifecycle import Lifecycle
+from blockswarm.peer.limits import ServingLimits
 from blockswarm.peer.loader import SpanLoader
 from blockswarm.peer.pinger import NextPeerPinger
 from blockswarm.peer.stage_member import StageMember

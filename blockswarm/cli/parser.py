@@ -1,12 +1,8 @@
-"""`blockswarm <command>`: run-dht, run-server, init-model, generate, demo, monitor, reassemble."""
+"""The command line: every command, its options and their help."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
-import os
-import signal
 
 DEFAULT_HOST = "0.0.0.0"
 
@@ -47,7 +43,10 @@ def _add_network_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="blockswarm", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="blockswarm",
+        description="`blockswarm <command>`: run-dht, run-server, init-model, generate, demo, monitor, reassemble.",
+    )
     parser.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -211,139 +210,3 @@ def build_parser() -> argparse.ArgumentParser:
         "--info-timeout", type=float, default=5.0, help="seconds a peer may take to answer `info` (default: 5)"
     )
     return parser
-
-
-def run_dht(args: argparse.Namespace) -> None:
-    from blockswarm.dht import NodeRole, start_dht
-
-    dht = start_dht(
-        NodeRole.BOOTSTRAP,
-        args.initial_peers,
-        host=args.host,
-        port=args.port,
-        announce_addrs=args.announce_addrs,
-        identity_path=args.identity_path,
-    ).dht
-    maddrs = ",".join(str(addr) for addr in dht.get_visible_maddrs())
-    print(f"blockswarm dht ready: maddrs={maddrs}", flush=True)
-    print(f"Peers join with: blockswarm run-server MODEL --initial-peers {maddrs.replace(',', ' ')}", flush=True)
-    stop = asyncio.Event()
-
-    async def wait() -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-
-    try:
-        asyncio.run(wait())
-    finally:
-        dht.shutdown()
-
-
-def run_server(args: argparse.Namespace) -> None:
-    from blockswarm.peer.limits import ServingLimits
-    from blockswarm.peer.server import Server, ServerOptions
-    from blockswarm.peer.stage_training import StageTrainingOptions
-
-    options = ServerOptions(
-        model=args.model,
-        model_name=args.model_name,
-        blocks=args.blocks,
-        num_blocks=args.num_blocks,
-        initial_peers=args.initial_peers,
-        new_swarm=args.new_swarm,
-        host=args.host,
-        port=args.port,
-        announce_addrs=args.announce_addrs,
-        identity_path=args.identity_path,
-        device=args.device,
-        dtype=args.dtype,
-        cache_tokens=args.cache_tokens,
-        public_name=args.public_name,
-        update_period=args.update_period,
-        grace_period=args.grace_period,
-        balance_period=args.balance_period,
-        throughput=args.throughput,
-        quant=args.quant,
-        limits=ServingLimits(session_timeout=args.session_timeout),
-        train=args.train,
-        training=StageTrainingOptions(
-            learning_rate=args.learning_rate,
-            target_batch_size=args.target_batch_size,
-            matchmaking_time=args.matchmaking_time,
-            averaging_timeout=args.averaging_timeout,
-        ),
-        checkpoint_dir=args.checkpoint_dir,
-        checkpoint_every=args.checkpoint_every,
-        checkpoint_keep=args.checkpoint_keep,
-    )
-    Server(options).run()
-
-
-def reassemble(args: argparse.Namespace) -> None:
-    from blockswarm.models.checkpoints import reassemble as build_checkpoint
-
-    path = build_checkpoint(args.base, args.spans, args.out, ends_file=args.ends)
-    print(f"wrote the reassembled checkpoint to {path}")
-
-
-def init_model(args: argparse.Namespace) -> None:
-    from blockswarm.models.random_init import init_random_model
-
-    path = init_random_model(args.dir, preset=args.preset, family=args.family, seed=args.seed)
-    print(f"wrote a random-weight {args.family} model ({args.preset} preset) to {path}")
-
-
-def generate(args: argparse.Namespace) -> None:
-    from transformers import AutoTokenizer
-
-    from blockswarm.client import DistributedModelForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
-    with DistributedModelForCausalLM.from_pretrained(args.model, args.initial_peers) as model:
-        output = model.generate(
-            input_ids,
-            max_new_tokens=args.max_new_tokens,
-            do_sample=args.do_sample,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-        )
-    print(tokenizer.decode(output[0]))
-
-
-def demo(args: argparse.Namespace) -> None:
-    from blockswarm.demo import run_demo
-
-    run_demo(args.dir, args.preset, args.peers, args.max_new_tokens, args.monitor_port)
-
-
-def monitor(args: argparse.Namespace) -> None:
-    from blockswarm.monitor import run_monitor
-
-    run_monitor(args.initial_peers, args.host, args.port, args.period, args.info_timeout)
-
-
-def main(argv: list[str] | None = None) -> None:
-    # Peers and clients often share cores with each other: idle OpenMP threads must sleep, not spin.
-    # Read once when torch loads, which every command does lazily after this point.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    commands = {
-        "run-dht": run_dht,
-        "run-server": run_server,
-        "init-model": init_model,
-        "generate": generate,
-        "demo": demo,
-        "monitor": monitor,
-        "reassemble": reassemble,
-    }
-    from blockswarm.dht import SwarmJoinError
-
-    try:
-        commands[args.command](args)
-    except SwarmJoinError as e:
-        raise SystemExit(f"error: {e}") from e
