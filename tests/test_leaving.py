@@ -52,8 +52,18 @@ def is_running(pid: int) -> bool:
 @pytest.mark.parametrize("to_group", [False, True], ids=["process", "group"])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_peer_leaves_cleanly_on_a_stop_signal(bootstrap, sig, to_group):
-    swarm, node = bootstrap
-    peer = swarm.start_peer("--blocks", "0:8", "--grace-period", str(GRACE_PERIOD), "--update-period", "60")
+    stop_and_check(*bootstrap, sig, to_group)
+
+
+def test_training_peer_leaves_cleanly_when_its_group_is_stopped(bootstrap, tmp_path):
+    """The group signal also kills a training peer's averager processes; the peer still exits and saves its span."""
+    stop_and_check(*bootstrap, signal.SIGTERM, True, "--train", "--checkpoint-dir", str(tmp_path))
+    assert list(tmp_path.glob("blocks_0-8.step*.safetensors"))
+
+
+def stop_and_check(swarm: LocalSwarm, node, sig: int, to_group: bool, *peer_args: str) -> None:
+    """Start a peer, send it `sig`, and check that it leaves cleanly."""
+    peer = swarm.start_peer("--blocks", "0:8", "--grace-period", str(GRACE_PERIOD), "--update-period", "60", *peer_args)
     peer_id = PeerID.from_base58(peer.peer_id)
     model = _model_name(peer.log())
     helpers = descendants(peer.popen.pid)

@@ -131,6 +131,7 @@ class StageOptimizer:
         self.on_step: Callable[[int], None] | None = None  # called with the new epoch after each `submit`ted step
         self._submitted: queue.SimpleQueue = queue.SimpleQueue()
         self._worker = threading.Thread(target=self._step_submitted, name="blockswarm-stage-optimizer", daemon=True)
+        self._shut_down = False
         self._worker.start()
 
     def load_state_from_peers(self) -> bool:
@@ -212,5 +213,8 @@ class StageOptimizer:
             self._submitted.put(None)
             self._worker.join()
         with self._lock:
-            if self._optimizer.is_alive():
+            # also when the averager processes are gone (a signal to the peer's whole group kills them): the
+            # progress tracker's threads would otherwise keep the peer's process from exiting
+            if not self._shut_down:
+                self._shut_down = True
                 self._optimizer.shutdown()
