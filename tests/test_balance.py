@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -57,3 +59,31 @@ def test_self_placing_peers_cover_fill_gaps_and_do_not_thrash(sixteen_block_mode
             assert all(moves(p) <= 1 for p in remaining), [moves(p) for p in remaining]
         finally:
             dht.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--blocks", "4:99"), "--blocks 4:99 is outside the model's blocks 0:8"),
+        (("--num-blocks", "9"), "--num-blocks 9 must be between 1 and 8"),
+    ],
+)
+def test_a_span_that_does_not_fit_is_refused_before_joining(tiny_model, args, message):
+    """No DHT node is started: the unreachable initial peer would otherwise be the error."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "blockswarm",
+            "run-server",
+            tiny_model,
+            "--initial-peers",
+            "/ip4/127.0.0.1/tcp/9",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert f"error: {message}" in result.stderr

@@ -14,6 +14,16 @@ from blockswarm.dht import SwarmNode, get_block_servers
 from blockswarm.peer.block_selection import block_coverage, choose_mover, choose_span_start
 
 
+def check_span_request(total_blocks: int, pinned_span: tuple[int, int] | None, num_blocks: int | None) -> None:
+    """Raises ValueError when --blocks or --num-blocks does not fit a model of `total_blocks` blocks."""
+    if pinned_span is not None:
+        start, end = pinned_span
+        if not 0 <= start < end <= total_blocks:
+            raise ValueError(f"--blocks {start}:{end} is outside the model's blocks 0:{total_blocks}")
+    elif num_blocks is not None and not 0 < num_blocks <= total_blocks:
+        raise ValueError(f"--num-blocks {num_blocks} must be between 1 and {total_blocks}")
+
+
 class Balancer:
     def __init__(
         self,
@@ -39,15 +49,6 @@ class Balancer:
     def reschedule(self) -> None:
         """The next check comes one randomized period from now (called each time the peer goes ONLINE)."""
         self._next_check = time.monotonic() + self._delay()
-
-    def check_options(self) -> None:
-        """Raises ValueError when the requested span does not fit the model."""
-        if self.pinned_span is not None:
-            start, end = self.pinned_span
-            if not 0 <= start < end <= self.total_blocks:
-                raise ValueError(f"--blocks {start}:{end} is outside the model's blocks 0:{self.total_blocks}")
-        elif not 0 < self.num_blocks <= self.total_blocks:
-            raise ValueError(f"--num-blocks {self.num_blocks} must be between 1 and {self.total_blocks}")
 
     def initial_span(self) -> tuple[int, int]:
         if self.pinned_span is not None:

@@ -19,7 +19,7 @@ from blockswarm.models import load_config, weights_fingerprint
 from blockswarm.models.naming import swarm_model_name
 from blockswarm.peer.announcer import Announcer, PeerProfile
 from blockswarm.peer.backend import BlockBackend
-from blockswarm.peer.balancer import Balancer
+from blockswarm.peer.balancer import Balancer, check_span_request
 from blockswarm.peer.cache import CachePool
 from blockswarm.peer.handlers import RequestHandlers
 from blockswarm.peer.lifecycle import Lifecycle
@@ -80,6 +80,7 @@ class Server:
                 raise ValueError("--train needs full-precision weights to learn: drop --quant")
             if options.checkpoint_every < 1 or options.checkpoint_keep < 1:
                 raise ValueError("--checkpoint-every and --checkpoint-keep must be at least 1")
+            check_span_request(self.config.num_blocks, options.blocks, options.num_blocks)
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
         self.span = (0, 0)
@@ -99,10 +100,6 @@ class Server:
         )
         try:
             self._compose(node)
-            try:
-                self.balancer.check_options()
-            except ValueError as e:
-                raise SystemExit(f"error: {e}") from None
             self.span = self.balancer.initial_span()
             self.announcer.announce(self._record(ServerState.JOINING, cache_tokens_left=0), ANNOUNCE_TIMEOUT)
             backend = self.loader.load(*self.span)
