@@ -33,6 +33,7 @@ from blockswarm.models.random_init import init_random_model  # noqa: E402
 
 STAGES = ("0:4", "0:4", "4:8", "4:8")
 MICRO_BATCH = 4
+RUN_KEY = "bench-run"  # the run's secret, shared by the training peers and the trainer
 SEQUENCE = 32
 
 
@@ -114,13 +115,21 @@ def train_on_swarm(model_dir: Path, work: Path, steps: int, accumulation: int, l
     target = accumulation * MICRO_BATCH
     with LocalSwarm(model_dir, work / "logs") as swarm:
         swarm.start_bootstrap()
-        training_args = ("--train", "--learning-rate", str(lr), "--target-batch-size", str(target))
+        training_args = (
+            "--train",
+            "--train-key",
+            RUN_KEY,
+            "--learning-rate",
+            str(lr),
+            "--target-batch-size",
+            str(target),
+        )
         for process in [swarm.start_peer("--blocks", span, *training_args, wait=False) for span in STAGES]:
             swarm.wait_peer(process)
         with (
             WireCounter() as counter,
             DistributedModelForCausalLM.from_pretrained(
-                model_dir, swarm.initial_peers, codec=codec, swarm_training=True, step_timeout=60
+                model_dir, swarm.initial_peers, codec=codec, swarm_training=True, train_key=RUN_KEY, step_timeout=60
             ) as model,
         ):
             began = time.perf_counter()
@@ -136,7 +145,7 @@ def train_on_swarm(model_dir: Path, work: Path, steps: int, accumulation: int, l
             stage_steps = sorted(model.remote.stage_steps().values())
         # the trained blocks, read exactly (as the local run's are), not through the 8-bit wire
         with DistributedModelForCausalLM.from_pretrained(
-            model_dir, swarm.initial_peers, codec="none", swarm_training=True, step_timeout=60
+            model_dir, swarm.initial_peers, codec="none", swarm_training=True, train_key=RUN_KEY, step_timeout=60
         ) as exact:
             final_loss = evaluate(exact)
     return dict(

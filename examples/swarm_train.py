@@ -37,6 +37,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="checkpoint the swarm trains (default: a new tiny random one)")
     parser.add_argument("--initial-peers", nargs="*", default=[])
+    parser.add_argument(
+        "--train-key", default="example-run", help="the run's secret (the --train-key its training peers got)"
+    )
     parser.add_argument("--micro-batches", type=int, default=40)
     parser.add_argument("--out", default="swarm-trained", help="where span checkpoints and the result go")
     args = parser.parse_args()
@@ -49,11 +52,14 @@ def main() -> None:
         if not peers:
             swarm = stack.enter_context(LocalSwarm(model_dir, work / "logs"))
             swarm.start_bootstrap()
-            training = ("--train", "--target-batch-size", "8", "--checkpoint-dir", str(out / "spans"))
+            training = ("--train", "--train-key", args.train_key, "--target-batch-size", "8")
+            training += ("--checkpoint-dir", str(out / "spans"))
             for process in [swarm.start_peer("--blocks", span, *training, wait=False) for span in STAGES]:
                 swarm.wait_peer(process)
             peers = swarm.initial_peers
-        with DistributedModelForCausalLM.from_pretrained(model_dir, peers, swarm_training=True) as model:
+        with DistributedModelForCausalLM.from_pretrained(
+            model_dir, peers, swarm_training=True, train_key=args.train_key
+        ) as model:
             for index in range(args.micro_batches):
                 input_ids = micro_batch(index)
                 logits = model(input_ids)

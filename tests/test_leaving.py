@@ -57,7 +57,7 @@ def test_peer_leaves_cleanly_on_a_stop_signal(bootstrap, sig, to_group):
 
 def test_training_peer_leaves_cleanly_when_its_group_is_stopped(bootstrap, tmp_path):
     """The group signal also kills a training peer's averager processes; the peer still exits and saves its span."""
-    stop_and_check(*bootstrap, signal.SIGTERM, True, "--train", "--checkpoint-dir", str(tmp_path))
+    stop_and_check(*bootstrap, signal.SIGTERM, True, "--train", "--train-key", "k", "--checkpoint-dir", str(tmp_path))
     assert list(tmp_path.glob("blocks_0-8.step*.safetensors"))
 
 

@@ -6,18 +6,28 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
+from hivemind.p2p import PeerID
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from blockswarm.client import DistributedModelForCausalLM
 from blockswarm.local_swarm import LocalSwarm
 from blockswarm.models.checkpoints import load_span, reassemble
+from blockswarm.pipeline.hops import PeerError
+from blockswarm.pipeline.streams import call
+from blockswarm.wire.messages import BACKWARD_RPC, ChainRequest
+from blockswarm.wire.trainer_auth import train_proof
+from blockswarm.wire.transport import encode
 
 STAGES = ("0:4", "4:8")
+RUN_KEY = "test-run-key"
 TRAINING_ARGS = (
     "--train",
+    "--train-key",
+    RUN_KEY,
     "--learning-rate",
     "3e-3",
     "--target-batch-size",
@@ -75,6 +85,28 @@ def assert_same_tensors(a: dict, b: dict, atol: float = 1e-5) -> None:
         assert torch.allclose(a[name], b[name], atol=atol), name
 
 
+def assert_strangers_cannot_train(model, peer_id: PeerID) -> None:
+    """A backward pass with train=True and no proof of the run key, or a proof made with another key or for
+    another peer, is refused with a clear error; the same pass without train=True is served."""
+    hidden = torch.randn(1, 4, model.remote.config.hidden_size)
+    payloads = encode([hidden, torch.randn_like(hidden)])
+    own_id = model.remote.p2p.peer_id
+    proofs = {
+        "no proof": "",
+        "another key": train_proof("guessed-key", peer_id, own_id),
+        "made for another peer": train_proof(RUN_KEY, own_id, own_id),
+    }
+    for case, proof in proofs.items():
+        request = ChainRequest(start=0, end=4, train=True, train_proof=proof)
+        with pytest.raises(PeerError, match="learns only from the trainers of its run"):
+            model.remote.loop.run(call(model.remote.p2p, peer_id, BACKWARD_RPC, request, payloads, 30.0))
+        print(f"refused a training backward with {case}")
+    (grad,) = model.remote.loop.run(
+        call(model.remote.p2p, peer_id, BACKWARD_RPC, ChainRequest(start=0, end=4), payloads, 30.0)
+    )
+    assert grad.shape == hidden.shape
+
+
 def test_swarm_training(tiny_model, tmp_path):
     with LocalSwarm(tiny_model, tmp_path / "swarm") as swarm:
         swarm.start_bootstrap()
@@ -90,9 +122,10 @@ def test_swarm_training(tiny_model, tmp_path):
             swarm.wait_peer(process)
 
         with DistributedModelForCausalLM.from_pretrained(
-            tiny_model, swarm.initial_peers, swarm_training=True, step_timeout=60
+            tiny_model, swarm.initial_peers, swarm_training=True, train_key=RUN_KEY, step_timeout=60
         ) as model:
             assert model.remote.codec == "int8-blockwise"
+            assert_strangers_cannot_train(model, PeerID.from_base58(peers["0:4", "a"][0].peer_id))
             with torch.no_grad():
                 before = lm_loss(model, data(0)).item()
             train(model, 4)

@@ -6,10 +6,12 @@ import asyncio
 
 import pytest
 import torch
+from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 
 from blockswarm.compression.codecs import WireFormatError, decode_tensor, encode_tensor
 from blockswarm.wire.messages import ChainRequest, StepReply
+from blockswarm.wire.trainer_auth import is_valid_train_proof, train_proof
 from blockswarm.wire.transport import (
     CHUNK_BYTES,
     REPLY,
@@ -112,3 +114,22 @@ def test_frames_decode_each_tensor_with_its_codec_and_fail_as_wire_errors():
     assert read_meta(unary, StepReply) == StepReply(position=1)
     with pytest.raises(FramingError, match="limit is 0"):
         read_meta(next(frame.messages(REPLY)), StepReply)
+
+
+TRAIN_PEERS = (
+    "QmbyV4BASLJCFiCfKz37eNwFX8y6hefQ7LGpzvEwJQzNft",
+    "QmSXDk2v6kPu4BXW7UE6BsE4rB3k7Y1yJ11a9owiH52Ti4",
+    "QmRU8AbmfH5aRkC5LebWmsbZGFGuqf332kUJKWgB3LJHeD",
+)
+
+
+def test_a_train_proof_binds_the_key_the_server_and_the_trainer():
+    server, trainer, other = (PeerID.from_base58(p) for p in TRAIN_PEERS)
+    proof = train_proof("run key", server, trainer)
+    assert is_valid_train_proof("run key", server, trainer, proof)
+    assert not is_valid_train_proof("other key", server, trainer, proof)
+    assert not is_valid_train_proof("run key", other, trainer, proof)  # a receiving peer cannot replay it elsewhere
+    assert not is_valid_train_proof("run key", server, other, proof)  # nor can anyone who saw it on the way
+    assert not is_valid_train_proof("run key", server, None, proof)
+    assert not is_valid_train_proof(None, server, trainer, proof)
+    assert not is_valid_train_proof("run key", server, trainer, "")

@@ -62,6 +62,7 @@ def run_server(args: argparse.Namespace) -> None:
         quant=args.quant,
         limits=ServingLimits(session_timeout=args.session_timeout),
         train=args.train,
+        train_key=args.train_key,
         training=StageTrainingOptions(
             learning_rate=args.learning_rate,
             target_batch_size=args.target_batch_size,

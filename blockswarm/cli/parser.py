@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 DEFAULT_HOST = "0.0.0.0"
 
@@ -132,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
         "pinned to their span and are used by trainers only, never by inference clients.",
     )
     training.add_argument("--train", action="store_true", help="train the served blocks (needs --quant none)")
+    training.add_argument(
+        "--train-key",
+        default=os.environ.get("BLOCKSWARM_TRAIN_KEY"),
+        help="the run's secret, shared with its trainers (train_key=... on the client): the peer learns only from "
+        "backward passes that prove they know it (default: $BLOCKSWARM_TRAIN_KEY)",
+    )
     training.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
     training.add_argument(
         "--target-batch-size",

@@ -90,6 +90,7 @@ class DistributedModelForCausalLM(nn.Module):
         show_route: bool = False,
         tuning: TuningConfig | None = None,
         swarm_training: bool = False,
+        train_key: str | None = None,
     ) -> DistributedModelForCausalLM:
         """Load the embeddings and head from `name_or_path` and join the swarm through `initial_peers`.
 
@@ -104,6 +105,8 @@ class DistributedModelForCausalLM(nn.Module):
         saved ones. `swarm_training=True` makes this client a SWARM trainer: it routes only through peers started
         with `run-server --train`, and each `loss.backward()` makes those peers learn (each stage steps together
         once it has seen its target batch size); the local embeddings and head are the caller's to train.
+        `train_key` is the run's secret, the one its peers got with `--train-key`: they learn only from trainers
+        that know it.
         """
         config = load_config(name_or_path)
         model_name = model_name or swarm_model_name(name_or_path, weights_fingerprint(name_or_path))
@@ -119,6 +122,7 @@ class DistributedModelForCausalLM(nn.Module):
             blocked_peers=list(blocked_peers),
             show_route=show_route,
             swarm_training=swarm_training,
+            train_key=train_key,
         )
         announced = get_models(remote.dht, latest=True).get(model_name)
         if announced is not None and announced.config_hash != config.fingerprint():

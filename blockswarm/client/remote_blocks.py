@@ -37,7 +37,13 @@ class RemoteBlocks:
         blocked_peers: list[str] = (),
         show_route: bool = False,
         swarm_training: bool = False,
+        train_key: str | None = None,
     ):
+        if swarm_training and not train_key:
+            raise ValueError(
+                "swarm_training=True needs train_key: the secret the run's peers were started with (--train-key); "
+                "training peers refuse backward passes without proof of it"
+            )
         self.model_name = model_name
         self.config = config
         self.codec = codec
@@ -55,7 +61,14 @@ class RemoteBlocks:
             training=swarm_training,
         )
         self.router = SwarmRouter(self.view)
-        self.chain = Chain(self.p2p, self.router, codec, step_timeout, self.retry_policy, train=swarm_training)
+        self.chain = Chain(
+            self.p2p,
+            self.router,
+            codec,
+            step_timeout,
+            self.retry_policy,
+            train_key=train_key if swarm_training else None,
+        )
         self.show_route = show_route
         self._steps_before: dict[PeerID, int] | None = None  # training peers' steps when this batch began
         self._pinging = asyncio.run_coroutine_threadsafe(self._ping_forever(), self.loop.loop)

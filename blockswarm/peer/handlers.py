@@ -31,6 +31,7 @@ from blockswarm.wire.messages import (
     PeerStatus,
     StepReply,
 )
+from blockswarm.wire.trainer_auth import is_valid_train_proof
 from blockswarm.wire.transport import REPLY, REQUEST, Frame, M, WireError, encode, error_message, read_frame
 
 INLINE_STEP_TOKENS = 16  # decoding steps this small run on the event loop: a thread hand-off would cost more
@@ -67,8 +68,11 @@ class RequestHandlers:
         cache: CachePool,
         limits: ServingLimits,
         status: Callable[[], dict],
+        train_key: str | None = None,
     ):
+        """`train_key`: the run key of a --train peer; training backward passes must prove they know it."""
         self.model = model
+        self.train_key = train_key
         self.backend = backend
         self.cache = cache
         self.limits = limits
@@ -182,6 +186,13 @@ class RequestHandlers:
             raise RequestError(f"grad_output shape {list(grad_output.shape)} != inputs shape {list(hidden.shape)}")
         if request.train and not self.backend.trainable:
             raise RequestError("this peer's blocks are frozen: only peers started with --train learn from backward")
+        if request.train and not is_valid_train_proof(
+            self.train_key, context.local_id, context.remote_id, request.train_proof
+        ):
+            raise RequestError(
+                "this peer learns only from the trainers of its run: train=True needs a proof made with the run's "
+                "key (swarm_training=True, train_key=... on the client; --train-key on the peers)"
+            )
         if request.train and (request.start, request.end) != (self.backend.start, self.backend.end):
             raise RequestError(
                 f"a training peer learns from passes over its whole stage [{self.backend.start}, "

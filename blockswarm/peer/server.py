@@ -58,6 +58,7 @@ class ServerOptions:
     limits: ServingLimits = field(default_factory=ServingLimits)
     train: bool = False  # SWARM training: the blocks learn from trainers' backward passes, averaged per stage
     training: StageTrainingOptions = field(default_factory=StageTrainingOptions)
+    train_key: str | None = None  # the run's secret: only trainers that know it make a --train peer learn
     checkpoint_dir: str | None = None  # where a training peer saves its span (every `checkpoint_every` stage steps)
     checkpoint_every: int = 1
     checkpoint_keep: int = 3  # newest checkpoints kept per span
@@ -78,6 +79,11 @@ class Server:
             self.loader = SpanLoader(options.model, self.config, options.device, options.dtype, options.quant)
             if options.train and options.quant != "none":
                 raise ValueError("--train needs full-precision weights to learn: drop --quant")
+            if options.train and not options.train_key:
+                raise ValueError(
+                    "--train needs --train-key (or BLOCKSWARM_TRAIN_KEY): the secret shared with the run's trainers, "
+                    "so that strangers cannot make this peer learn"
+                )
             if options.checkpoint_every < 1 or options.checkpoint_keep < 1:
                 raise ValueError("--checkpoint-every and --checkpoint-keep must be at least 1")
             check_span_request(self.config.num_blocks, options.blocks, options.num_blocks)
@@ -169,7 +175,12 @@ class Server:
     async def _serve(self, node: SwarmNode, backend: BlockBackend) -> None:
         p2p = await node.dht.replicate_p2p()
         handlers = RequestHandlers(
-            self.model_name, backend, self._cache_for(backend), self.options.limits, self._status
+            self.model_name,
+            backend,
+            self._cache_for(backend),
+            self.options.limits,
+            self._status,
+            train_key=self.options.train_key if self.options.train else None,
         )
 
         async def announce() -> None:

@@ -27,6 +27,7 @@ from blockswarm.peer.hivemind_internals import StageHivemindOptimizer
 
 logger = logging.getLogger(__name__)
 
+MAX_PENDING_MICRO_BATCHES = 64  # gradients of micro-batches received but not yet handed to hivemind
 _IDLE_CHECK_PERIOD = 0.2  # seconds between checks, while no micro-batch comes, whether the stage is stepping
 
 # hivemind forbids "." in averager prefixes and puts the run id into DHT keys and p2p handler names
@@ -129,7 +130,8 @@ class StageOptimizer:
         self._parameters = parameters
         self._epoch = 0  # hivemind counts a step before its averaged parameters are written; this counts after
         self.on_step: Callable[[int], None] | None = None  # called with the new epoch after each `submit`ted step
-        self._submitted: queue.SimpleQueue = queue.SimpleQueue()
+        # bounded: a trainer faster than the stage's steps waits in `submit` (backpressure) instead of filling memory
+        self._submitted: queue.Queue = queue.Queue(maxsize=MAX_PENDING_MICRO_BATCHES)
         self._worker = threading.Thread(target=self._step_submitted, name="blockswarm-stage-optimizer", daemon=True)
         self._shut_down = False
         self._worker.start()

@@ -22,6 +22,7 @@ from blockswarm.pipeline.retry import RetryPolicy, retry
 from blockswarm.pipeline.streams import call
 from blockswarm.wire.adapters import AdapterTensors, adapter_payloads
 from blockswarm.wire.messages import BACKWARD_RPC, FORWARD_RPC, ChainRequest
+from blockswarm.wire.trainer_auth import train_proof
 from blockswarm.wire.transport import encode
 
 
@@ -32,7 +33,11 @@ class Chain:
     codec: str = "none"  # preferred; each hop uses it where its peer supports it
     timeout: float = 30.0
     retry_policy: RetryPolicy = RetryPolicy()
-    train: bool = False
+    train_key: str | None = None  # a SWARM trainer's run key: its backward passes make --train peers learn
+
+    @property
+    def train(self) -> bool:
+        return self.train_key is not None
 
     async def forward(
         self, hidden: torch.Tensor, start: int, end: int, adapter: AdapterTensors | None = None
@@ -125,6 +130,9 @@ class Chain:
             codec=codec,
             adapter=None if adapter is None else adapter.spec,
             train=self.train and rpc == BACKWARD_RPC,
+            train_proof=train_proof(self.train_key, hop.peer_id, self.p2p.peer_id)
+            if self.train and rpc == BACKWARD_RPC
+            else "",
         )
         payloads = encode(activations, codec) + adapter_payloads(adapter, hop.start, hop.end)
         try:

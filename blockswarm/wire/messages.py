@@ -79,6 +79,7 @@ class ChainRequest(Message):
     codec: str = "none"
     adapter: AdapterSpec | None = None
     train: bool = False
+    train_proof: str = Field(default="", max_length=128)  # with `train`: see wire/trainer_auth.py
 
 
 class StepReply(Message):
