@@ -66,9 +66,11 @@ def test_self_placing_peers_cover_fill_gaps_and_do_not_thrash(sixteen_block_mode
     [
         (("--blocks", "4:99"), "--blocks 4:99 is outside the model's blocks 0:8"),
         (("--num-blocks", "9"), "--num-blocks 9 must be between 1 and 8"),
+        (("--throughput", "1e12"), "--throughput must be between 0 and 1e+09"),
+        (("--cache-tokens", "0"), "--cache-tokens must be between 1 and"),
     ],
 )
-def test_a_span_that_does_not_fit_is_refused_before_joining(tiny_model, args, message):
+def test_options_that_do_not_fit_are_refused_before_joining(tiny_model, args, message):
     """No DHT node is started: the unreachable initial peer would otherwise be the error."""
     result = subprocess.run(
         [

@@ -84,6 +84,14 @@ def test_unknown_fields_are_ignored():
         {"next_pings": {"peer": -0.1}},
         {"cache_tokens_left": -5},
         {"_bs": "model"},
+        # absurd numbers anyone could write: readers size loops and routes by them
+        {"start": 10**9, "end": 10**9 + 1},
+        {"end": 10**9},
+        {"throughput": 1e12},
+        {"forward_rps": 1e12},
+        {"inference_rps": 1e12},
+        {"cache_tokens_left": 2**40},
+        {"next_pings": {"peer": 1e6}},
     ],
 )
 def test_invalid_server_records_are_rejected(changes):
@@ -96,7 +104,9 @@ def test_non_records_are_rejected(raw):
     assert ModelInfo.from_wire(raw) is None
 
 
-@pytest.mark.parametrize("changes", [{"num_blocks": 0}, {"num_blocks": "8"}, {"family": None}, {"_bs": "server"}])
+@pytest.mark.parametrize(
+    "changes", [{"num_blocks": 0}, {"num_blocks": "8"}, {"num_blocks": 10**9}, {"family": None}, {"_bs": "server"}]
+)
 def test_invalid_model_records_are_rejected(changes):
     assert ModelInfo.from_wire(_model().to_wire() | changes) is None
 

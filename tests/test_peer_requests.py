@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -216,6 +217,27 @@ def test_adapter_over_max_adapter_bytes_is_refused_before_decoding(tiny_model):
     assert isinstance(reply, RPCError) and reply.message == (
         f"adapter tensors take {request.nbytes(1)} bytes, more than this peer's limit of 65536 (max_adapter_bytes)"
     )
+
+
+@pytest.mark.parametrize("rpc", ["rpc_forward", "rpc_backward", "rpc_inference"])
+def test_a_silent_stream_is_refused_within_the_first_message_timeout(tiny_model, rpc):
+    """A stream opened and left silent holds a handler only for first_message_timeout, not for step_timeout."""
+    blocks = load_blocks(tiny_model, 0, 3, progress=False)
+    backend = BlockBackend(load_config(tiny_model), blocks, 0, torch.float32, torch.device("cpu"))
+    limits = ServingLimits(first_message_timeout=0.3, alloc_timeout=0.3)
+
+    async def silent():
+        await asyncio.sleep(3600)
+        yield None
+
+    async def replies() -> list:
+        handlers = RequestHandlers("tiny", backend, CachePool(64, 3, backend.make_cache), limits, dict)
+        return [reply async for reply in getattr(handlers, rpc)(silent(), None)]
+
+    began = time.monotonic()
+    (reply,) = asyncio.run(asyncio.wait_for(replies(), 10))
+    assert isinstance(reply, RPCError) and reply.message == "no request within 0.3 s of opening the stream"
+    assert time.monotonic() - began < 5
 
 
 def test_training_request_to_frozen_peer_is_refused(client, first_peer):

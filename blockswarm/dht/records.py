@@ -17,6 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 RECORD_TAG = "_bs"
 """Field that marks a DHT value as a blockswarm record; its value is the record kind."""
 
+# Bounds on every number a record carries: anyone can write a record, and readers size loops and routes by them
+# (a model index entry claiming 10**9 blocks would make a monitor build 10**9 keys).
+MAX_BLOCKS = 4096  # blocks of one model; the largest open models have ~10**2
+MAX_THROUGHPUT = 1e9  # tokens/s through one block; far above any hardware
+MAX_CACHE_TOKENS = 2**31
+MAX_RTT = 600.0  # seconds
+
 
 class ServerState(StrEnum):
     """Life cycle of a peer: announced while loading, serving, finishing sessions before leaving, gone."""
@@ -55,12 +62,12 @@ class ServerInfo(_WireRecord):
     KIND: ClassVar[str] = "server"
 
     state: ServerState = Field(strict=False)  # arrives as its string value
-    start: int = Field(ge=0)
-    end: int = Field(gt=0)
-    throughput: float = Field(default=1.0, ge=0, allow_inf_nan=False)
-    inference_rps: float | None = Field(default=None, ge=0, allow_inf_nan=False)
-    forward_rps: float | None = Field(default=None, ge=0, allow_inf_nan=False)
-    cache_tokens_left: int = Field(default=0, ge=0)
+    start: int = Field(ge=0, lt=MAX_BLOCKS)
+    end: int = Field(gt=0, le=MAX_BLOCKS)
+    throughput: float = Field(default=1.0, ge=0, le=MAX_THROUGHPUT, allow_inf_nan=False)
+    inference_rps: float | None = Field(default=None, ge=0, le=MAX_THROUGHPUT, allow_inf_nan=False)
+    forward_rps: float | None = Field(default=None, ge=0, le=MAX_THROUGHPUT, allow_inf_nan=False)
+    cache_tokens_left: int = Field(default=0, ge=0, le=MAX_CACHE_TOKENS)
     dtype: str = Field(default="float32", max_length=32)
     quant: str = Field(default="none", max_length=32)
     codecs: list[str] = Field(default_factory=lambda: ["none"], max_length=16)
@@ -74,8 +81,8 @@ class ServerInfo(_WireRecord):
     def _check(self) -> ServerInfo:
         if self.start >= self.end:
             raise ValueError(f"empty span: start={self.start} >= end={self.end}")
-        if any(not math.isfinite(rtt) or rtt < 0 for rtt in self.next_pings.values()):
-            raise ValueError("next_pings must hold finite non-negative round-trip times")
+        if any(not math.isfinite(rtt) or not 0 <= rtt <= MAX_RTT for rtt in self.next_pings.values()):
+            raise ValueError(f"next_pings must hold round-trip times between 0 and {MAX_RTT:g} s")
         return self
 
     @classmethod
@@ -88,7 +95,7 @@ class ModelInfo(_WireRecord):
 
     KIND: ClassVar[str] = "model"
 
-    num_blocks: int = Field(gt=0)
+    num_blocks: int = Field(gt=0, le=MAX_BLOCKS)
     family: str = Field(max_length=64)
     config_hash: str = Field(max_length=128)
     weights_hash: str = Field(max_length=128)

@@ -21,6 +21,7 @@ from blockswarm.dht import (
     announce_model,
     announce_server,
 )
+from blockswarm.dht.records import MAX_BLOCKS, MAX_CACHE_TOKENS, MAX_THROUGHPUT
 from blockswarm.peer.throughput import Throughput
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,16 @@ class PeerProfile:
     public_name: str | None
     training: bool  # learns from SWARM trainers' backward passes (--train)
     balancing: bool  # chose its own blocks and moves where the swarm needs it
+
+
+def check_record_bounds(num_blocks: int, throughput: float | None, cache_tokens: int) -> None:
+    """Raises ValueError when this peer's figures would not fit the bounds every reader enforces on records."""
+    if num_blocks > MAX_BLOCKS:
+        raise ValueError(f"the model has {num_blocks} blocks; a swarm serves models of up to {MAX_BLOCKS}")
+    if throughput is not None and not 0 <= throughput <= MAX_THROUGHPUT:
+        raise ValueError(f"--throughput must be between 0 and {MAX_THROUGHPUT:g}, got {throughput:g}")
+    if not 0 < cache_tokens <= MAX_CACHE_TOKENS:
+        raise ValueError(f"--cache-tokens must be between 1 and {MAX_CACHE_TOKENS}, got {cache_tokens}")
 
 
 class Announcer:
@@ -68,16 +79,19 @@ class Announcer:
         cache_tokens_left: int,
         next_pings: dict[str, float],
     ) -> ServerInfo:
+        # measured figures are capped like any record's (no hardware comes near the cap)
+        inference_rps = None if throughput is None else min(throughput.inference_rps, MAX_THROUGHPUT)
+        forward_rps = None if throughput is None else min(throughput.forward_rps, MAX_THROUGHPUT)
         published = self.throughput_override
         if published is None:
-            published = throughput.forward_rps if throughput else 1.0
+            published = forward_rps if forward_rps is not None else 1.0
         return ServerInfo(
             state=state,
             start=span[0],
             end=span[1],
             throughput=published,
-            inference_rps=throughput.inference_rps if throughput else None,
-            forward_rps=throughput.forward_rps if throughput else None,
+            inference_rps=inference_rps,
+            forward_rps=forward_rps,
             cache_tokens_left=cache_tokens_left,
             next_pings=next_pings,
             dtype=self.profile.dtype,

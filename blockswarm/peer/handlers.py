@@ -238,8 +238,11 @@ class RequestHandlers:
         return receive_adapter(request.adapter, tensors, config, num_blocks, batch_size, device, requires_grad)
 
     async def _receive(self, requests: AsyncIterator, schema: type[M]) -> Frame[M] | None:
-        """A request's first frame: the client has step_timeout to send all of it."""
-        return await asyncio.wait_for(read_frame(requests, schema, self._max_bytes), self.limits.step_timeout)
+        """A request's first frame: the client has first_message_timeout to start it, step_timeout to send all of it."""
+        return await asyncio.wait_for(
+            read_frame(requests, schema, self._max_bytes, first_message_timeout=self.limits.first_message_timeout),
+            self.limits.step_timeout,
+        )
 
     async def _next_step(self, requests: AsyncIterator) -> Frame[InferenceStep] | None:
         """The next frame of a session, unless the peer starts leaving or the client stays silent too long."""

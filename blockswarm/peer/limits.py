@@ -20,6 +20,9 @@ class ServingLimits:
     # idle seconds before an inference session is closed and its cache freed: the most a session's next step
     # (all of its frame) may take to arrive
     session_timeout: float = 120.0
+    # the most a client may take to start a request once its stream is open: a stream left silent is refused then
+    # instead of holding a handler (a large first frame may then take up to step_timeout to arrive in full)
+    first_message_timeout: float = 10.0
     # the most a client may take to send the whole first frame of a request: a forward/backward request or an
     # inference session's opening
     step_timeout: float = 300.0

@@ -17,7 +17,7 @@ from blockswarm.compression.codecs import CODECS
 from blockswarm.dht import ModelInfo, NodeRole, ServerState, SwarmNode, start_dht
 from blockswarm.models import load_config, weights_fingerprint
 from blockswarm.models.naming import swarm_model_name
-from blockswarm.peer.announcer import Announcer, PeerProfile
+from blockswarm.peer.announcer import Announcer, PeerProfile, check_record_bounds
 from blockswarm.peer.backend import BlockBackend
 from blockswarm.peer.balancer import Balancer, check_span_request
 from blockswarm.peer.cache import CachePool
@@ -87,6 +87,7 @@ class Server:
             if options.checkpoint_every < 1 or options.checkpoint_keep < 1:
                 raise ValueError("--checkpoint-every and --checkpoint-keep must be at least 1")
             check_span_request(self.config.num_blocks, options.blocks, options.num_blocks)
+            check_record_bounds(self.config.num_blocks, options.throughput, options.cache_tokens)
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
         self.span = (0, 0)

@@ -100,12 +100,18 @@ def encode(tensors: Iterable[torch.Tensor], codec: str = "none") -> list[bytes]:
     return [encode_tensor(tensor, codec) for tensor in tensors]
 
 
-async def read_frame(messages: AsyncIterator, schema: type[M] | None, max_bytes: int) -> Frame[M] | None:
+async def read_frame(
+    messages: AsyncIterator, schema: type[M] | None, max_bytes: int, first_message_timeout: float | None = None
+) -> Frame[M] | None:
     """Read one frame of at most `max_bytes` tensor bytes; None when the stream ended cleanly before it.
 
-    `schema` validates the metadata (None: a frame without). Raises FramingError; tensors stay encoded.
+    `schema` validates the metadata (None: a frame without). Raises FramingError, or WireTimeout when the frame's
+    first message takes more than `first_message_timeout` seconds to come; tensors stay encoded.
     """
-    first = await anext(messages, None)
+    try:
+        first = await asyncio.wait_for(anext(messages, None), first_message_timeout)
+    except TimeoutError:
+        raise WireTimeout(f"no request within {first_message_timeout:g} s of opening the stream") from None
     if first is None:
         return None
     meta, sizes, blob = _read_header(first, schema, max_bytes)
