@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from hivemind.p2p import PeerID
+from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto.p2pd_pb2 import RPCError
 
 from blockswarm.compression.codecs import encode_tensor
@@ -211,7 +211,7 @@ def test_adapter_over_max_adapter_bytes_is_refused_before_decoding(tiny_model):
             for message in request.messages():
                 yield message
 
-        return [reply async for reply in handlers.rpc_forward(requests(), None)]
+        return [reply async for reply in handlers.rpc_forward(requests(), context(CLIENT_A))]
 
     (reply,) = asyncio.run(forward_once())
     assert isinstance(reply, RPCError) and reply.message == (
@@ -232,12 +232,59 @@ def test_a_silent_stream_is_refused_within_the_first_message_timeout(tiny_model,
 
     async def replies() -> list:
         handlers = RequestHandlers("tiny", backend, CachePool(64, 3, backend.make_cache), limits, dict)
-        return [reply async for reply in getattr(handlers, rpc)(silent(), None)]
+        return [reply async for reply in getattr(handlers, rpc)(silent(), context(CLIENT_A))]
 
     began = time.monotonic()
     (reply,) = asyncio.run(asyncio.wait_for(replies(), 10))
     assert isinstance(reply, RPCError) and reply.message == "no request within 0.3 s of opening the stream"
     assert time.monotonic() - began < 5
+
+
+CLIENT_A = PeerID.from_base58("QmbyV4BASLJCFiCfKz37eNwFX8y6hefQ7LGpzvEwJQzNft")
+CLIENT_B = PeerID.from_base58("QmSXDk2v6kPu4BXW7UE6BsE4rB3k7Y1yJ11a9owiH52Ti4")
+
+
+def context(remote: PeerID) -> P2PContext:
+    """What hivemind hands a handler: the authenticated id of the caller."""
+    return P2PContext(handle_name="test", local_id=CLIENT_B, remote_id=remote)
+
+
+@pytest.mark.parametrize(
+    ("limits", "reason", "another_caller_admitted"),
+    [
+        (ServingLimits(max_streams_per_peer=2), "2 streams from your peer id are open here, the limit is 2", True),
+        (ServingLimits(max_streams=2), "this peer serves its limit of 2 streams", False),
+    ],
+    ids=["per peer", "in total"],
+)
+def test_streams_over_a_cap_get_a_busy_reply_at_once(tiny_model, limits, reason, another_caller_admitted):
+    """Idle streams hold their slots; the next stream from the same caller over a cap is answered at once with a
+    busy reply. Another caller is still admitted under the per-peer cap, and is not under the total one."""
+    blocks = load_blocks(tiny_model, 0, 3, progress=False)
+    backend = BlockBackend(load_config(tiny_model), blocks, 0, torch.float32, torch.device("cpu"))
+
+    async def silent():
+        await asyncio.sleep(3600)
+        yield None
+
+    async def run() -> tuple[RPCError, float, bool]:
+        handlers = RequestHandlers("tiny", backend, CachePool(64, 3, backend.make_cache), limits, dict)
+        holders = [asyncio.ensure_future(anext(handlers.rpc_inference(silent(), context(CLIENT_A)))) for _ in range(2)]
+        await asyncio.sleep(0.2)  # both streams are open and waiting for their first message
+        began = time.monotonic()
+        reply = await anext(handlers.rpc_forward(silent(), context(CLIENT_A)))
+        elapsed = time.monotonic() - began
+        other = asyncio.ensure_future(anext(handlers.rpc_forward(silent(), context(CLIENT_B))))
+        await asyncio.sleep(0.2)
+        other_admitted = not other.done()  # admitted: waiting for its first message, not answered busy
+        for task in (*holders, other):
+            task.cancel()
+        return reply, elapsed, other_admitted
+
+    reply, elapsed, other_admitted = asyncio.run(run())
+    assert isinstance(reply, RPCError) and reply.message == f"busy: {reason}; retry in 2 s"
+    assert elapsed < 1.0
+    assert other_admitted == another_caller_admitted
 
 
 def test_training_request_to_frozen_peer_is_refused(client, first_peer):

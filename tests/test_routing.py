@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from collections import Counter
 
 import pytest
@@ -12,7 +13,7 @@ from blockswarm.dht import ServerInfo, ServerState
 from blockswarm.peer.block_selection import block_coverage, choose_move, choose_mover, choose_span_start
 from blockswarm.pipeline.hops import NoRouteError
 from blockswarm.routing.route import StochasticWiring, min_latency_route, wired_route
-from blockswarm.routing.swarm_view import usable_peers
+from blockswarm.routing.swarm_view import SwarmView, usable_peers
 
 
 def peer(n: int) -> PeerID:
@@ -155,3 +156,20 @@ def test_exactly_one_peer_leaves_shared_blocks_for_a_gap():
     assert choose_mover(view(spans, 16)) is None  # pinned peers (--blocks, --train) never move
     draining = view(spans, 16, state=ServerState.DRAINING, fields=balancing)
     assert choose_mover(draining) is None
+
+
+def test_a_busy_peer_is_avoided_briefly_and_a_failed_one_for_longer():
+    swarm_view = SwarmView(None, "m", 8, ban_seconds=30.0)  # no DHT: its refreshes fail quietly
+    try:
+        swarm_view.ban(peer(0), seconds=0.2)  # busy: a short pause, not a failure
+        assert not swarm_view.is_usable(peer(0))
+        time.sleep(0.3)
+        assert swarm_view.is_usable(peer(0))
+        swarm_view.ban(peer(1))  # failed: banned for ban_seconds
+        time.sleep(0.3)
+        assert not swarm_view.is_usable(peer(1))
+        swarm_view.ban(peer(1), seconds=0.1)  # a busy reply does not shorten a ban
+        time.sleep(0.2)
+        assert not swarm_view.is_usable(peer(1))
+    finally:
+        swarm_view.close()

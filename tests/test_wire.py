@@ -14,14 +14,19 @@ from blockswarm.wire.messages import ChainRequest, StepReply
 from blockswarm.wire.trainer_auth import is_valid_train_proof, train_proof
 from blockswarm.wire.transport import (
     CHUNK_BYTES,
+    MAX_RETRY_AFTER,
     REPLY,
     Frame,
     FramingError,
+    PeerBusyError,
+    RemoteError,
     UndecodableTensor,
     WireError,
+    busy_message,
     encode,
     read_frame,
     read_meta,
+    remote_error,
 )
 
 
@@ -133,3 +138,12 @@ def test_a_train_proof_binds_the_key_the_server_and_the_trainer():
     assert not is_valid_train_proof("run key", server, None, proof)
     assert not is_valid_train_proof(None, server, trainer, proof)
     assert not is_valid_train_proof("run key", server, trainer, "")
+
+
+def test_a_busy_reply_is_told_apart_from_other_errors():
+    busy = remote_error(busy_message("64 streams from your peer id are open here, the limit is 64", 2.0))
+    assert isinstance(busy, PeerBusyError) and busy.retry_after == 2.0
+    assert busy.reason == "64 streams from your peer id are open here, the limit is 64"
+    assert remote_error(busy_message("full", 10**6)).retry_after == MAX_RETRY_AFTER  # a peer cannot banish itself
+    other = remote_error("blocks [0, 9) are not served here")
+    assert type(other) is RemoteError and str(other) == "blocks [0, 9) are not served here"

@@ -18,7 +18,7 @@ from blockswarm.compression.codecs import CODECS
 from blockswarm.peer.adapters import AdapterError, ReceivedAdapter, receive_adapter
 from blockswarm.peer.backend import BlockBackend
 from blockswarm.peer.cache import CacheFullError, CachePool
-from blockswarm.peer.limits import RequestError, ServingLimits
+from blockswarm.peer.limits import RequestError, ServingLimits, StreamCounter
 from blockswarm.wire.adapters import ADAPTER_CODEC
 from blockswarm.wire.messages import (
     BACKWARD_RPC,
@@ -51,8 +51,9 @@ def _refusing(handler: Callable[..., AsyncIterator]) -> Callable[..., AsyncItera
     @functools.wraps(handler)
     async def refusing(self: RequestHandlers, requests: AsyncIterator, context: P2PContext) -> AsyncIterator:
         try:
-            async for message in handler(self, requests, context):
-                yield message
+            with self.streams.admit(context.remote_id):
+                async for message in handler(self, requests, context):
+                    yield message
         except REFUSALS as e:
             yield error_message(str(e))
             await self._drain(requests)
@@ -78,6 +79,7 @@ class RequestHandlers:
         self.limits = limits
         self._status = status
         self._max_bytes = limits.max_request_bytes(backend.config.hidden_size)
+        self.streams = StreamCounter(limits)
         self._leaving = asyncio.get_running_loop().create_future()
         self.active_requests = 0
 

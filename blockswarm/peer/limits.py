@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
+
+from blockswarm.wire.transport import busy_message
 
 ACCEPTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class RequestError(ValueError):
     """The request is invalid; its message is sent back to the caller verbatim."""
+
+
+class PeerBusy(RequestError):
+    """A limit of this peer is reached: the caller gets a busy reply at once and goes elsewhere for a while."""
+
+    def __init__(self, reason: str, retry_after: float):
+        super().__init__(busy_message(reason, retry_after))
 
 
 @dataclass(frozen=True)
@@ -31,6 +43,10 @@ class ServingLimits:
 
     # encoded bytes of the deep prompts and LoRA weights a client may send with one request or session opening
     max_adapter_bytes: int = 2**26
+    # open request streams (inference sessions, forward and backward calls): from one remote peer, and in all
+    max_streams_per_peer: int = 64
+    max_streams: int = 1024
+    busy_retry_after: float = 2.0  # seconds a busy reply asks the caller to stay away
 
     def max_request_bytes(self, hidden_size: int) -> int:
         """Tensor bytes one frame may carry: two activations of max_batch_tokens (float32), an adapter, slack."""
@@ -61,3 +77,36 @@ class ServingLimits:
                 f"adapter tensors take {size} bytes, more than this peer's limit of {self.max_adapter_bytes} "
                 "(max_adapter_bytes)"
             )
+
+
+@dataclass
+class StreamCounter:
+    """Open request streams per remote peer and in total, within the caps of `limits`."""
+
+    limits: ServingLimits
+    _per_peer: Counter = field(default_factory=Counter)
+
+    @property
+    def total(self) -> int:
+        return sum(self._per_peer.values())
+
+    @contextmanager
+    def admit(self, remote: object) -> Iterator[None]:
+        """Count a stream from `remote` while it is open; PeerBusy at once when a cap is reached."""
+        if self._per_peer[remote] >= self.limits.max_streams_per_peer:
+            raise PeerBusy(
+                f"{self._per_peer[remote]} streams from your peer id are open here, the limit is "
+                f"{self.limits.max_streams_per_peer}",
+                self.limits.busy_retry_after,
+            )
+        if self.total >= self.limits.max_streams:
+            raise PeerBusy(
+                f"this peer serves its limit of {self.limits.max_streams} streams", self.limits.busy_retry_after
+            )
+        self._per_peer[remote] += 1
+        try:
+            yield
+        finally:
+            self._per_peer[remote] -= 1
+            if not self._per_peer[remote]:
+                del self._per_peer[remote]

@@ -138,5 +138,5 @@ class Chain:
         try:
             return await call(self.p2p, hop.peer_id, rpc, request, payloads, self.timeout)
         except PeerError as error:
-            self.router.ban(error.peer_id)
+            self.router.ban(error.peer_id, error.retry_after)
             raise

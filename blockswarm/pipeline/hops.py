@@ -30,8 +30,9 @@ class Router(Protocol):
     def wire(self, start: int, end: int) -> list[Hop]:
         """Consecutive hops covering blocks [start, end) for one forward/backward pass, load-balanced."""
 
-    def ban(self, peer_id: PeerID) -> None:
-        """Stop routing through a peer that failed (for a while that grows with repeated failures)."""
+    def ban(self, peer_id: PeerID, seconds: float | None = None) -> None:
+        """Stop routing through a peer that failed (for a while that grows with repeated failures), or that is busy
+        (for `seconds`, not counted as a failure)."""
 
     def is_usable(self, peer_id: PeerID) -> bool:
         """False once a peer is banned or announced it is leaving (DRAINING/OFFLINE)."""
@@ -50,8 +51,10 @@ class NoRouteError(RuntimeError):
 
 
 class PeerError(RuntimeError):
-    """A peer failed a request: an error reply, a broken stream or a timeout."""
+    """A peer failed a request: an error reply, a broken stream or a timeout. `retry_after` is set when the peer
+    only said it is busy: avoid it that long, but it did nothing wrong."""
 
-    def __init__(self, peer_id: PeerID, message: str):
+    def __init__(self, peer_id: PeerID, message: str, retry_after: float | None = None):
         self.peer_id = peer_id
+        self.retry_after = retry_after
         super().__init__(f"peer {peer_id}: {message}")

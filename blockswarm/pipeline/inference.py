@@ -142,7 +142,7 @@ class InferenceSession:
     async def _replace(self, index: int, error: PeerError) -> None:
         """Swap the failed span for a fresh route over the same blocks, with the session's history replayed."""
         failed = self.spans[index]
-        self.router.ban(error.peer_id)
+        self.router.ban(error.peer_id, error.retry_after)
         await asyncio.gather(failed.close(), return_exceptions=True)
         start, end = failed.hop.start, failed.hop.end
         replacement = await retry(
@@ -174,7 +174,7 @@ class InferenceSession:
                 await self._replay(spans)
             return spans
         except PeerError as error:
-            self.router.ban(error.peer_id)
+            self.router.ban(error.peer_id, error.retry_after)
             await asyncio.gather(*(span.close() for span in spans), return_exceptions=True)
             raise
 

@@ -10,7 +10,7 @@ from hivemind.p2p import P2P, PeerID
 
 from blockswarm.pipeline.hops import PeerError
 from blockswarm.wire.messages import Message
-from blockswarm.wire.transport import Frame, WireError, WireStream
+from blockswarm.wire.transport import Frame, PeerBusyError, WireError, WireStream
 
 MAX_REPLY_BYTES = 2**31
 
@@ -65,5 +65,7 @@ async def call(
 def _peer_errors(peer_id: PeerID) -> Iterator[None]:
     try:
         yield
+    except PeerBusyError as e:
+        raise PeerError(peer_id, str(e), retry_after=e.retry_after) from e
     except WireError as e:
         raise PeerError(peer_id, str(e)) from e

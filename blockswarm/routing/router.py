@@ -37,8 +37,8 @@ class SwarmRouter:
         """Hops for one forward/backward micro-batch, spreading work over peers by throughput."""
         return self._with_refresh(lambda blocks: wired_route(blocks, start, end, self.view.model, self.wiring))
 
-    def ban(self, peer_id: PeerID) -> None:
-        self.view.ban(peer_id)
+    def ban(self, peer_id: PeerID, seconds: float | None = None) -> None:
+        self.view.ban(peer_id, seconds)
 
     def is_usable(self, peer_id: PeerID) -> bool:
         return self.view.is_usable(peer_id)

@@ -102,11 +102,13 @@ class SwarmView:
     def is_usable(self, peer_id: PeerID) -> bool:
         return peer_id not in self._leaving and self._banned_until.get(peer_id, 0) <= time.monotonic()
 
-    def ban(self, peer_id: PeerID) -> None:
+    def ban(self, peer_id: PeerID, seconds: float | None = None) -> None:
+        """Avoid a failed peer (longer on each failure), or a busy one for `seconds`."""
         with self._lock:
-            failures = self._failures[peer_id] = self._failures.get(peer_id, 0) + 1
-            duration = min(self.ban_seconds * 2 ** (failures - 1), self.max_ban_seconds)
-            self._banned_until[peer_id] = time.monotonic() + duration
+            if seconds is None:
+                failures = self._failures[peer_id] = self._failures.get(peer_id, 0) + 1
+                seconds = min(self.ban_seconds * 2 ** (failures - 1), self.max_ban_seconds)
+            self._banned_until[peer_id] = max(self._banned_until.get(peer_id, 0.0), time.monotonic() + seconds)
 
     def close(self) -> None:
         self._stop.set()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -29,6 +30,7 @@ from blockswarm.wire.messages import Message
 # of a stream, and a reader accepts chunks of any size; chunking keeps what this side sends, and what a peer's
 # handler prefetches of a stream (5 messages), small.
 CHUNK_BYTES = 2**21
+MAX_RETRY_AFTER = 60.0  # seconds; a busy reply asking a client to stay away longer is read as this
 REQUEST = runtime_pb2.ExpertRequest  # the protobuf a caller sends
 REPLY = runtime_pb2.ExpertResponse  # the protobuf a handler sends back
 
@@ -57,6 +59,31 @@ class RemoteError(WireError):
 
 class WireTimeout(WireError):
     """No frame arrived in time."""
+
+
+class PeerBusyError(RemoteError):
+    """The other end is at a limit right now and refused the request at once; try elsewhere, or here later."""
+
+    def __init__(self, reason: str, retry_after: float):
+        self.reason = reason
+        self.retry_after = retry_after
+        super().__init__(busy_message(reason, retry_after))
+
+
+_BUSY_RE = re.compile(r"busy: (.*); retry in ([0-9.]+(?:e[+-]?[0-9]+)?) s")
+
+
+def busy_message(reason: str, retry_after: float) -> str:
+    """The error text of a busy reply: what limit was hit and after how many seconds to come back."""
+    return f"busy: {reason}; retry in {retry_after:g} s"
+
+
+def remote_error(text: str) -> RemoteError:
+    """The exception for an error reply: PeerBusyError when it is a busy reply, else RemoteError."""
+    match = _BUSY_RE.fullmatch(text)
+    if match is None:
+        return RemoteError(text)
+    return PeerBusyError(match.group(1), min(float(match.group(2)), MAX_RETRY_AFTER))
 
 
 # what hivemind and asyncio raise when a stream cannot be opened or breaks; the only ones WireStream turns into
@@ -191,7 +218,7 @@ class WireStream:
             except asyncio.IncompleteReadError:
                 return  # the other end closed its side
             if error is not None:
-                raise RemoteError(error.message)
+                raise remote_error(error.message)
             yield reply
 
     async def close(self) -> None:
