@@ -5,7 +5,6 @@ no DHT process or p2pd daemon behind."""
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import time
 from pathlib import Path
@@ -89,15 +88,3 @@ def stop_and_check(swarm: LocalSwarm, node, sig: int, to_group: bool, *peer_args
 
 def _model_name(log: str) -> str:
     return log.split("blockswarm peer ready: model=")[1].split()[0]
-
-
-def test_descendants_sees_children_of_this_process():
-    pid = os.fork()
-    if pid == 0:
-        time.sleep(5)
-        os._exit(0)
-    try:
-        assert pid in descendants(os.getpid())
-    finally:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)

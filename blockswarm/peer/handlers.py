@@ -9,16 +9,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 
 import torch
 from hivemind.p2p import P2P, P2PContext
 
 from blockswarm.compression.codecs import CODECS
 from blockswarm.peer.adapters import AdapterError, ReceivedAdapter, receive_adapter
+from blockswarm.peer.admission import Admission, PeerLeaving
 from blockswarm.peer.backend import BlockBackend
 from blockswarm.peer.cache import CacheFullError, CachePool
-from blockswarm.peer.limits import RequestError, ServingLimits, StreamCounter
+from blockswarm.peer.limits import RequestError, ServingLimits
 from blockswarm.wire.adapters import ADAPTER_CODEC
 from blockswarm.wire.messages import (
     BACKWARD_RPC,
@@ -37,10 +38,6 @@ from blockswarm.wire.transport import REPLY, REQUEST, Frame, M, WireError, encod
 INLINE_STEP_TOKENS = 16  # decoding steps this small run on the event loop: a thread hand-off would cost more
 
 
-class PeerLeaving(RuntimeError):
-    """The peer is shutting down: the caller should continue with another peer."""
-
-
 # what refuses one request: its caller gets the message as an error reply, and the peer goes on serving
 REFUSALS = (RequestError, AdapterError, CacheFullError, PeerLeaving, WireError)
 
@@ -51,7 +48,7 @@ def _refusing(handler: Callable[..., AsyncIterator]) -> Callable[..., AsyncItera
     @functools.wraps(handler)
     async def refusing(self: RequestHandlers, requests: AsyncIterator, context: P2PContext) -> AsyncIterator:
         try:
-            with self.streams.admit(context.remote_id):
+            with self.admission.stream(context.remote_id):
                 async for message in handler(self, requests, context):
                     yield message
         except REFUSALS as e:
@@ -79,9 +76,7 @@ class RequestHandlers:
         self.limits = limits
         self._status = status
         self._max_bytes = limits.max_request_bytes(backend.config.hidden_size)
-        self.streams = StreamCounter(limits)
-        self._leaving = asyncio.get_running_loop().create_future()
-        self.active_requests = 0
+        self.admission = Admission(limits)
 
     async def register(self, p2p: P2P) -> None:
         await p2p.add_protobuf_handler(INFO_RPC, self.rpc_info, REQUEST)
@@ -113,7 +108,7 @@ class RequestHandlers:
             if opening is None:
                 return
             session = opening.meta
-            self._check_not_leaving()
+            self.admission.check_not_leaving()
             self._check_span(session.start, session.end)
             self._check_codec(session.codec)
             if session.batch_size < 1 or session.max_length < 1:
@@ -150,7 +145,7 @@ class RequestHandlers:
                             f"max_length of {session.max_length}"
                         )
                     inline = hidden.shape[0] * seq_len <= INLINE_STEP_TOKENS
-                    with self._active():
+                    with self.admission.computing():
                         output = await self.backend.run(
                             self.backend.inference_step,
                             session.start,
@@ -173,7 +168,7 @@ class RequestHandlers:
         request = frame.meta
         hidden = self._decode_hidden(frame, 0, 1)
         adapter = self._receive_adapter(frame, 1, hidden.shape[0])
-        with self._active():
+        with self.admission.computing():
             output = await self.backend.run(self.backend.forward, request.start, request.end, hidden, adapter)
         for message in Frame(None, encode([output], request.codec)).messages(REPLY):
             yield message
@@ -201,7 +196,7 @@ class RequestHandlers:
                 f"{self.backend.end}), got [{request.start}, {request.end})"
             )
         adapter = self._receive_adapter(frame, 2, hidden.shape[0], requires_grad=True)
-        with self._active():
+        with self.admission.computing():
             grad_input, *adapter_grads = await self.backend.run(
                 self.backend.backward, request.start, request.end, hidden, grad_output, adapter, request.train
             )
@@ -214,7 +209,7 @@ class RequestHandlers:
         if frame is None:
             raise RequestError("empty request")
         request, payloads = frame.meta, frame.payloads
-        self._check_not_leaving()
+        self.admission.check_not_leaving()
         self._check_span(request.start, request.end)
         self._check_codec(request.codec)
         adapter_tensors = request.adapter.num_tensors(request.end - request.start) if request.adapter else 0
@@ -250,12 +245,14 @@ class RequestHandlers:
         """The next frame of a session, unless the peer starts leaving or the client stays silent too long."""
         receiving = asyncio.ensure_future(read_frame(requests, InferenceStep, self._max_bytes))
         done, _ = await asyncio.wait(
-            (receiving, self._leaving), timeout=self.limits.session_timeout, return_when=asyncio.FIRST_COMPLETED
+            (receiving, self.admission.leaving),
+            timeout=self.limits.session_timeout,
+            return_when=asyncio.FIRST_COMPLETED,
         )
         if receiving in done:
             return receiving.result()
         receiving.cancel()
-        self._check_not_leaving()
+        self.admission.check_not_leaving()
         raise TimeoutError
 
     async def _drain(self, requests: AsyncIterator) -> None:
@@ -269,29 +266,7 @@ class RequestHandlers:
     def serve(self, backend: BlockBackend, cache: CachePool) -> None:
         """Start serving another span (after a rebalancing move): new blocks, new cache, accepting work again."""
         self.backend, self.cache = backend, cache
-        self._leaving = asyncio.get_running_loop().create_future()
-
-    def begin_leaving(self) -> None:
-        """Refuse new work and tell every open session to move on; steps already running still finish."""
-        if not self._leaving.done():
-            self._leaving.set_result(None)
-
-    async def wait_idle(self, grace_period: float) -> None:
-        deadline = asyncio.get_running_loop().time() + grace_period
-        while self.active_requests and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.05)
-
-    @contextlib.contextmanager
-    def _active(self) -> Iterator[None]:
-        self.active_requests += 1
-        try:
-            yield
-        finally:
-            self.active_requests -= 1
-
-    def _check_not_leaving(self) -> None:
-        if self._leaving.done():
-            raise PeerLeaving("peer leaving: it is shutting down, continue with another peer")
+        self.admission.accept_again()
 
     def _check_span(self, start: int, end: int) -> None:
         if not self.backend.start <= start < end <= self.backend.end:

@@ -60,8 +60,8 @@ class Lifecycle:
     async def drain(self, handlers: RequestHandlers) -> None:
         """DRAINING: refuse new work, let running requests finish within the grace period."""
         await self.enter(ServerState.DRAINING)
-        handlers.begin_leaving()
-        await handlers.wait_idle(self.grace_period)
+        handlers.admission.begin_leaving()
+        await handlers.admission.wait_idle(self.grace_period)
 
     async def leave(self, handlers: RequestHandlers) -> None:
         await self.drain(handlers)

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -77,36 +74,3 @@ class ServingLimits:
                 f"adapter tensors take {size} bytes, more than this peer's limit of {self.max_adapter_bytes} "
                 "(max_adapter_bytes)"
             )
-
-
-@dataclass
-class StreamCounter:
-    """Open request streams per remote peer and in total, within the caps of `limits`."""
-
-    limits: ServingLimits
-    _per_peer: Counter = field(default_factory=Counter)
-
-    @property
-    def total(self) -> int:
-        return sum(self._per_peer.values())
-
-    @contextmanager
-    def admit(self, remote: object) -> Iterator[None]:
-        """Count a stream from `remote` while it is open; PeerBusy at once when a cap is reached."""
-        if self._per_peer[remote] >= self.limits.max_streams_per_peer:
-            raise PeerBusy(
-                f"{self._per_peer[remote]} streams from your peer id are open here, the limit is "
-                f"{self.limits.max_streams_per_peer}",
-                self.limits.busy_retry_after,
-            )
-        if self.total >= self.limits.max_streams:
-            raise PeerBusy(
-                f"this peer serves its limit of {self.limits.max_streams} streams", self.limits.busy_retry_after
-            )
-        self._per_peer[remote] += 1
-        try:
-            yield
-        finally:
-            self._per_peer[remote] -= 1
-            if not self._per_peer[remote]:
-                del self._per_peer[remote]

@@ -1,5 +1,5 @@
-"""Round-trip times from this peer to the peers serving the block right after its span, published as next_pings:
-the edges a client's route (and peer-to-peer push) may take from here."""
+"""Round-trip times from this peer to the peers serving the block right after its span, published in its record as
+next_pings (the monitor shows them; routing does not use them yet)."""
 
 from __future__ import annotations
 
