@@ -26,10 +26,12 @@ from blockswarm.dht import (
     get_block_servers,
     get_models,
     make_validators,
-    peer_id_from_subkey,
-    server_subkey,
+    peer_id_from_owner_marker,
     validate_model_name,
 )
+from blockswarm.dht.identity import forget, new_identity, peer_id_of
+from blockswarm.dht.keys import IndexSubkey, parse_index_subkey
+from blockswarm.dht.records import content_digest
 
 MODEL = "org/tiny-llama"
 PEER_ID = PeerID.from_base58("QmTSbxzqxK6TjazUr8GSRDb8n2cpNjD2fhw2ajSvJ3j5eg")
@@ -131,12 +133,27 @@ def test_valid_model_names():
         assert validate_model_name(name) == name
 
 
-def test_subkey_round_trip():
-    _, public_key = make_validators(RSAPrivateKey())
-    subkey = server_subkey(PEER_ID, public_key)
-    assert peer_id_from_subkey(subkey) == PEER_ID
-    for bad in [PEER_ID.to_base58(), PEER_ID.to_base58().encode(), public_key, b"0OIl" + public_key, None]:
-        assert peer_id_from_subkey(bad) is None
+def test_owner_marker_gives_the_signers_peer_id():
+    identity = new_identity()
+    try:
+        with open(identity.path, "rb") as file:
+            assert identity.peer_id == PeerID.from_identity(file.read())  # hivemind's own derivation
+        _, marker = make_validators(identity.key)
+        assert peer_id_from_owner_marker(marker) == identity.peer_id
+        assert peer_id_of(identity.key.get_public_key()) == identity.peer_id
+    finally:
+        forget(identity)
+    for bad in [PEER_ID.to_base58().encode() + marker, marker + b"x", b"[owner:not a key]", PEER_ID.to_bytes(), None]:
+        assert peer_id_from_owner_marker(bad) is None
+
+
+def test_index_subkey_round_trip():
+    _, marker = make_validators(RSAPrivateKey())
+    digest = content_digest(_model().to_wire())
+    subkey = IndexSubkey("org/a@b", digest, marker)
+    assert parse_index_subkey(subkey.to_bytes()) == subkey
+    for bad in [MODEL, MODEL.encode() + marker, f"{MODEL}@{digest}".encode(), f" x@{digest}".encode() + marker]:
+        assert parse_index_subkey(bad) is None
 
 
 # ---------------------------------------------------------------- validator (no network)
@@ -152,22 +169,34 @@ def _record(key: str, subkey, value) -> DHTRecord:
     )
 
 
+def _index_subkey(info: dict, marker: bytes, model: str = MODEL) -> bytes:
+    return IndexSubkey(model, content_digest(info), marker).to_bytes()
+
+
 def test_validator_schema_rules():
     validator = BlockswarmRecordValidator()
-    _, public_key = make_validators(RSAPrivateKey())
-    owned = server_subkey(PEER_ID, public_key)
+    _, owned = make_validators(RSAPrivateKey())
     key = block_key(MODEL, 2)
     assert validator.validate(_record(key, owned, _server().to_wire()))
     assert not validator.validate(_record(key, owned, _server().to_wire() | {"end": 1}))
     assert not validator.validate(_record(key, PEER_ID.to_base58(), _server().to_wire()))  # unsigned subkey
+    assert not validator.validate(_record(key, PEER_ID.to_base58().encode() + owned, _server().to_wire()))
     assert not validator.validate(_record(key, None, _server().to_wire()))  # no subkey at all
-    assert validator.validate(_record(MODEL_INDEX_KEY, MODEL, _model().to_wire()))
-    assert not validator.validate(_record(MODEL_INDEX_KEY, MODEL, _model().to_wire() | {"num_blocks": -1}))
-    assert not validator.validate(_record(key, MODEL, _model().to_wire()))  # model record outside the index
+    model = _model().to_wire()
+    assert validator.validate(_record(MODEL_INDEX_KEY, _index_subkey(model, owned), model))
+    assert not validator.validate(_record(MODEL_INDEX_KEY, MODEL, model))  # not content-addressed, not signed
+    altered = model | {"num_blocks": 4096}  # cannot replace the entry another digest names
+    assert not validator.validate(_record(MODEL_INDEX_KEY, _index_subkey(model, owned), altered))
+    bad = model | {"num_blocks": -1}
+    assert not validator.validate(_record(MODEL_INDEX_KEY, _index_subkey(bad, owned), bad))
+    assert not validator.validate(_record(key, _index_subkey(model, owned), model))  # model record outside the index
     assert not validator.validate(_record(MODEL_INDEX_KEY, None, {"anything": 1}))  # cannot wipe the index
     assert not validator.validate(_record(MODEL_INDEX_KEY, owned, _server().to_wire()))
-    # unrelated values and record kinds from newer versions pass
-    assert validator.validate(_record("someone.else", None, [1, 2, 3]))
+    # no plain value anywhere (it would replace a whole dictionary of records)
+    assert not validator.validate(_record(key, None, [1, 2, 3]))
+    assert not validator.validate(_record("someone.else", None, [1, 2, 3]))
+    # other applications' subkeyed values and record kinds from newer versions pass
+    assert validator.validate(_record("someone.else", b"peer", True))
     assert validator.validate(_record(key, "sub", {"_bs": "future-kind", "x": 1}))
 
 
@@ -183,15 +212,21 @@ def test_make_validators_order():
 
 
 class _Node:
+    """A DHT node signing with its libp2p identity, as start_dht's listening nodes do."""
+
     def __init__(self, initial_peers=None, client_mode=False):
-        self.validators, self.public_key = make_validators(RSAPrivateKey())
+        identity = new_identity()
+        self.validators, self.public_key = make_validators(identity.key)
         self.dht = DHT(
             start=True,
             host_maddrs=["/ip4/127.0.0.1/tcp/0"],
             initial_peers=initial_peers,
             client_mode=client_mode,
             record_validators=self.validators,
+            identity_path=identity.path,
+            check_if_identity_free=False,
         )
+        forget(identity)
 
 
 @pytest.fixture(scope="module")
@@ -209,14 +244,14 @@ def test_announce_and_read(swarm):
     a, b, client = swarm
     expiration = get_dht_time() + 60
     assert announce_server(a.dht, MODEL, _server(), a.public_key, expiration)
-    assert announce_model(a.dht, MODEL, _model(), expiration)
+    assert announce_model(a.dht, MODEL, _model(), a.public_key, expiration)
     for reader in (b, client):
         blocks = get_block_servers(reader.dht, MODEL, 0, 8)
         assert len(blocks) == 8
         assert [bool(block) for block in blocks] == [False, False, True, True, True, False, False, False]
         for block in blocks[2:5]:
             assert block == {a.dht.peer_id: _server()}
-        assert get_models(reader.dht)[MODEL] == _model()
+        assert get_models(reader.dht)[MODEL] == [_model()]
 
 
 def test_records_expire(swarm):
@@ -234,8 +269,10 @@ def test_cannot_overwrite_another_peers_record(swarm):
     model = "org/contested"
     assert announce_server(a.dht, model, _server(start=0, end=1), a.public_key, get_dht_time() + 30)
     forged = _server(start=0, end=1, state=ServerState.OFFLINE).to_wire()
-    stolen_subkey = server_subkey(a.dht.peer_id, a.public_key)  # B cannot sign with A's key
-    assert not b.dht.store(block_key(model, 0), forged, get_dht_time() + 60, subkey=stolen_subkey)
+    # B cannot sign with A's key, and a subkey naming A's id beside B's own key is refused
+    assert not b.dht.store(block_key(model, 0), forged, get_dht_time() + 60, subkey=a.public_key)
+    spoofed = a.dht.peer_id.to_base58().encode() + b.public_key
+    assert not b.dht.store(block_key(model, 0), forged, get_dht_time() + 60, subkey=spoofed)
     [block] = get_block_servers(client.dht, model, 0, 1, latest=True)
     assert block == {a.dht.peer_id: _server(start=0, end=1)}
 
@@ -244,9 +281,11 @@ def test_cannot_store_invalid_tagged_record(swarm):
     a, b, client = swarm
     model = "org/garbage"
     bad = _server(start=0, end=1).to_wire() | {"start": 3}
-    own_subkey = server_subkey(b.dht.peer_id, b.public_key)  # correctly signed, but fails the schema
-    assert not b.dht.store(block_key(model, 0), bad, get_dht_time() + 30, subkey=own_subkey)
-    assert not b.dht.store(MODEL_INDEX_KEY, _model().to_wire() | {"num_blocks": 0}, get_dht_time() + 30, subkey=model)
+    # correctly signed, but fails the schema
+    assert not b.dht.store(block_key(model, 0), bad, get_dht_time() + 30, subkey=b.public_key)
+    bad_model = _model().to_wire() | {"num_blocks": 0}
+    subkey = _index_subkey(bad_model, b.public_key, model)
+    assert not b.dht.store(MODEL_INDEX_KEY, bad_model, get_dht_time() + 30, subkey=subkey)
     assert get_block_servers(client.dht, model, 0, 1, latest=True) == [{}]
     assert model not in get_models(client.dht, latest=True)
 

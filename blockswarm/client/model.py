@@ -124,8 +124,10 @@ class DistributedModelForCausalLM(nn.Module):
             swarm_training=swarm_training,
             train_key=train_key,
         )
-        announced = get_models(remote.dht, latest=True).get(model_name)
-        if announced is not None and announced.config_hash != config.fingerprint():
+        # anyone may add claims to the index: only a swarm that announces no claim matching ours is refused
+        claims = get_models(remote.dht, latest=True).get(model_name, [])
+        if claims and all(claim.config_hash != config.fingerprint() for claim in claims):
+            announced = claims[0]
             remote.shutdown()
             raise ValueError(
                 f"the swarm's peers serve {model_name!r} with another architecture ({announced.family}, "

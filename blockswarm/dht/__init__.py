@@ -3,6 +3,7 @@
 Imports no other blockswarm package: routing, peer and monitor build on it.
 """
 
+from .identity import peer_id_from_owner_marker
 from .keys import MODEL_INDEX_KEY, block_key, validate_model_name
 from .node import NodeRole, SwarmJoinError, SwarmNode, start_dht
 from .records import ModelInfo, ServerInfo, ServerState
@@ -12,8 +13,6 @@ from .swarm import (
     announce_server,
     get_block_servers,
     get_models,
-    peer_id_from_subkey,
-    server_subkey,
 )
 from .validation import BlockswarmRecordValidator, make_validators
 
@@ -33,8 +32,7 @@ __all__ = [
     "get_block_servers",
     "get_models",
     "make_validators",
-    "peer_id_from_subkey",
-    "server_subkey",
+    "peer_id_from_owner_marker",
     "start_dht",
     "validate_model_name",
 ]

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 MODEL_INDEX_KEY = "_blockswarm.models"
-"""Key of the model index: subkey = model name, value = a ModelInfo record."""
+"""Key of the model index: subkeys are IndexSubkey ("{model}@{digest}[owner:...]"), values ModelInfo records."""
 
 MAX_MODEL_NAME_LENGTH = 200
 
@@ -36,3 +37,32 @@ def block_key(model: str, index: int) -> str:
     if isinstance(index, bool) or not isinstance(index, int) or index < 0:
         raise ValueError(f"block index must be a non-negative int, got {index!r}")
     return f"{validate_model_name(model)}.{index}"
+
+
+@dataclass(frozen=True)
+class IndexSubkey:
+    """Where one writer's claim about a model sits in MODEL_INDEX_KEY: "{model}@{digest}[owner:...]"."""
+
+    model: str
+    digest: str  # content_digest of the ModelInfo stored there
+    owner_marker: bytes
+
+    def to_bytes(self) -> bytes:
+        return f"{validate_model_name(self.model)}@{self.digest}".encode() + self.owner_marker
+
+
+_INDEX_SUBKEY_RE = re.compile(rb"(.+)@([0-9a-f]{32})(\[owner:.+\])", re.DOTALL)
+
+
+def parse_index_subkey(subkey: object) -> IndexSubkey | None:
+    """Inverse of IndexSubkey.to_bytes; None for subkeys it cannot have made."""
+    if not isinstance(subkey, bytes):
+        return None
+    match = _INDEX_SUBKEY_RE.fullmatch(subkey)
+    if match is None:
+        return None
+    try:
+        model = validate_model_name(match.group(1).decode())
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return IndexSubkey(model, match.group(2).decode(), match.group(3))

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from hivemind.dht import DHT
+from hivemind.p2p import P2P
 
+from .identity import Identity, forget, load_identity, new_identity
 from .process import exit_with_parent
 from .validation import make_validators
 
@@ -31,6 +33,16 @@ LISTENING_ROLES = (NodeRole.BOOTSTRAP, NodeRole.PEER)
 
 class SwarmJoinError(RuntimeError):
     """The node could not start or reach the swarm; the message says what to check."""
+
+
+def _listening_identity(identity_path: str | None) -> tuple[Identity, bool]:
+    """The identity a listening node runs under, and whether it is new (so nobody else can be using it)."""
+    if identity_path is None:
+        return new_identity(), True
+    if not os.path.exists(identity_path):
+        P2P.generate_identity(identity_path)  # as hivemind would, but before the start: records are signed with it
+        return load_identity(identity_path), True
+    return load_identity(identity_path), False
 
 
 @dataclass(frozen=True)
@@ -65,6 +77,8 @@ def start_dht(
     """Start a DHT node for `role` (in its own process) joined through `initial_peers`.
 
     Listening roles bind `host:port`; a bootstrap node or a peer with `new_swarm` may start without initial peers.
+    They run under the identity in `identity_path` (made there when missing; a fresh temporary one without a path)
+    and sign their records with its key, so that their records prove their peer id (see identity.py).
     Raises SwarmJoinError saying what to pass or check when the node has no initial peers where it needs them, or
     cannot start or join.
     """
@@ -76,10 +90,17 @@ def start_dht(
             f"no initial peers: pass --initial-peers with the multiaddr of a peer or `blockswarm run-dht` node "
             f"of an existing swarm{hint}"
         )
-    validators, owner_marker = make_validators()
     host_maddrs = [f"/ip4/{host}/tcp/{port}"]
+    try:
+        identity, fresh_identity = _listening_identity(identity_path) if listening else (None, False)
+    except Exception as e:  # unreadable file, not a libp2p private key, not RSA: whatever the parsers raise
+        raise SwarmJoinError(f"cannot use the identity file {identity_path}: {e}") from e
+    validators, owner_marker = make_validators(identity.key if identity else None)
     listening_options = dict(
-        host_maddrs=host_maddrs, announce_maddrs=list(announce_addrs) or None, identity_path=identity_path
+        host_maddrs=host_maddrs,
+        announce_maddrs=list(announce_addrs) or None,
+        identity_path=identity.path if identity else None,
+        check_if_identity_free=not fresh_identity,
     )
     try:
         dht = _OwnProcessGroupDHT(
@@ -95,5 +116,8 @@ def start_dht(
             f"could not join the swarm through {list(initial_peers) or 'no initial peers'}{where}: {e}. "
             "Check that the initial peers are running and reachable."
         ) from e
+    finally:
+        if identity is not None and identity_path is None:
+            forget(identity)  # p2pd has read it (or failed); the key lives on in the validators
     exit_with_parent(dht)
     return SwarmNode(dht, owner_marker)

@@ -8,6 +8,8 @@ so peers running a newer version that adds fields stay readable.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from enum import StrEnum
 from typing import Any, ClassVar
@@ -23,6 +25,18 @@ MAX_BLOCKS = 4096  # blocks of one model; the largest open models have ~10**2
 MAX_THROUGHPUT = 1e9  # tokens/s through one block; far above any hardware
 MAX_CACHE_TOKENS = 2**31
 MAX_RTT = 600.0  # seconds
+
+
+def content_digest(wire: dict[str, Any]) -> str:
+    """Hash of a record as it travels (unknown fields included, so newer versions' entries keep their digest).
+
+    "" for a map no JSON can order (keys of mixed types): no well-formed record has one.
+    """
+    try:
+        canonical = json.dumps(wire, sort_keys=True, separators=(",", ":"), default=repr)
+    except (TypeError, ValueError):
+        return ""
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
 class ServerState(StrEnum):
@@ -91,7 +105,11 @@ class ServerInfo(_WireRecord):
 
 
 class ModelInfo(_WireRecord):
-    """Entry of the model index: lets clients and peers check they mean the same model."""
+    """Entry of the model index: lets clients and peers check they mean the same model.
+
+    Entries are content-addressed: each sits under the subkey "{model}@{content_digest}" followed by its writer's
+    "[owner:...]" marker, so a writer can add a claim about a model but never change or remove another's.
+    """
 
     KIND: ClassVar[str] = "model"
 

@@ -8,7 +8,7 @@ waiting forever.
 
 from __future__ import annotations
 
-import re
+from collections import Counter
 from functools import partial
 from typing import Any
 
@@ -16,34 +16,11 @@ from hivemind.dht import DHT, DHTNode
 from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 
-from .keys import MODEL_INDEX_KEY, block_key, validate_model_name
-from .records import ModelInfo, ServerInfo
+from .identity import peer_id_from_owner_marker
+from .keys import MODEL_INDEX_KEY, IndexSubkey, block_key, parse_index_subkey
+from .records import ModelInfo, ServerInfo, content_digest
 
 DHT_CALL_TIMEOUT = 60.0  # seconds; a traversal with `latest=True` over a big swarm takes a few
-
-_SUBKEY_RE = re.compile(rb"([1-9A-HJ-NP-Za-km-z]+)\[owner:.+\]", re.DOTALL)  # base58 peer id + owner marker
-
-
-def server_subkey(peer_id: PeerID, local_public_key: bytes) -> bytes:
-    """Subkey of a peer's records: its id plus its "[owner:...]" marker, so only that key holder can write it.
-
-    The signature proves which RSA key wrote the record, not that the writer owns `peer_id`; the libp2p
-    connection authenticates the peer id when a client actually calls it.
-    """
-    return peer_id.to_base58().encode() + local_public_key
-
-
-def peer_id_from_subkey(subkey: Any) -> PeerID | None:
-    """Inverse of server_subkey; None for subkeys that server_subkey cannot have made."""
-    if not isinstance(subkey, bytes):
-        return None
-    match = _SUBKEY_RE.fullmatch(subkey)
-    if match is None:
-        return None
-    try:
-        return PeerID.from_base58(match.group(1).decode())
-    except Exception:  # malformed multihash: whatever the base58 decoder raises
-        return None
 
 
 class DHTUnavailableError(RuntimeError):
@@ -64,14 +41,6 @@ async def _store_all(
     return len(results) == len(keys) and all(results.values())
 
 
-async def _announce_server(
-    dht: DHT, node: DHTNode, keys: list[str], local_public_key: bytes, value: Any, expiration_time: float
-) -> bool:
-    # the subkey is built here, where the peer id is at hand, to keep the announcement to one trip
-    subkey = server_subkey(node.peer_id, local_public_key)
-    return await _store_all(dht, node, keys, [subkey] * len(keys), [value] * len(keys), expiration_time)
-
-
 async def _get_all(_dht: DHT, node: DHTNode, keys: list[str], latest: bool) -> dict[str, Any]:
     return await node.get_many(keys, sufficient_expiration_time=float("inf") if latest else None)
 
@@ -80,32 +49,39 @@ def announce_server(
     dht: DHT,
     model: str,
     info: ServerInfo,
-    local_public_key: bytes,
+    owner_marker: bytes,
     expiration_time: float,
     timeout: float = DHT_CALL_TIMEOUT,
 ) -> bool:
-    """Store `info` under each block key of its span [info.start, info.end); True if all stores succeeded."""
+    """Store `info` under each block key of its span [info.start, info.end); True if all stores succeeded.
+
+    The subkey is the node's "[owner:...]" marker: the record is signed with that key, and readers take the
+    peer id from it, so it must be the node's libp2p identity key (see identity.py).
+    """
     keys = [block_key(model, index) for index in range(info.start, info.end)]
-    announce = partial(
-        _announce_server,
+    store = partial(
+        _store_all,
         keys=keys,
-        local_public_key=local_public_key,
-        value=info.to_wire(),
+        subkeys=[owner_marker] * len(keys),
+        values=[info.to_wire()] * len(keys),
         expiration_time=expiration_time,
     )
-    return _call(dht, announce, timeout)
+    return _call(dht, store, timeout)
 
 
 def announce_model(
-    dht: DHT, model: str, info: ModelInfo, expiration_time: float, timeout: float = DHT_CALL_TIMEOUT
+    dht: DHT,
+    model: str,
+    info: ModelInfo,
+    owner_marker: bytes,
+    expiration_time: float,
+    timeout: float = DHT_CALL_TIMEOUT,
 ) -> bool:
-    """Publish `info` in the model index under the subkey `model`."""
+    """Add this node's claim that `model` is `info` to the model index (content-addressed, see ModelInfo)."""
+    wire = info.to_wire()
+    subkey = IndexSubkey(model, content_digest(wire), owner_marker).to_bytes()
     store = partial(
-        _store_all,
-        keys=[MODEL_INDEX_KEY],
-        subkeys=[validate_model_name(model)],
-        values=[info.to_wire()],
-        expiration_time=expiration_time,
+        _store_all, keys=[MODEL_INDEX_KEY], subkeys=[subkey], values=[wire], expiration_time=expiration_time
     )
     return _call(dht, store, timeout)
 
@@ -129,7 +105,7 @@ def get_block_servers(
         block: dict[PeerID, ServerInfo] = {}
         if entry is not None and isinstance(entry.value, dict):
             for subkey, item in entry.value.items():
-                peer_id = peer_id_from_subkey(subkey)
+                peer_id = peer_id_from_owner_marker(subkey)
                 info = ServerInfo.from_wire(item.value)
                 if peer_id is not None and info is not None and item.expiration_time >= now:
                     block[peer_id] = info
@@ -137,15 +113,29 @@ def get_block_servers(
     return servers
 
 
-def get_models(dht: DHT, *, latest: bool = False, timeout: float = DHT_CALL_TIMEOUT) -> dict[str, ModelInfo]:
-    """The model index: model name -> its ModelInfo (invalid and expired entries dropped)."""
+def get_models(dht: DHT, *, latest: bool = False, timeout: float = DHT_CALL_TIMEOUT) -> dict[str, list[ModelInfo]]:
+    """The model index: model name -> the distinct claims about it, the one made by most writers first.
+
+    Anyone can add a claim, so a reader that knows what it expects (a client with its checkpoint's config)
+    looks for its own among them; the order is only a hint for readers that do not (the monitor).
+    Invalid and expired entries are dropped.
+    """
     entry = _call(dht, partial(_get_all, keys=[MODEL_INDEX_KEY], latest=latest), timeout).get(MODEL_INDEX_KEY)
     if entry is None or not isinstance(entry.value, dict):
         return {}
     now = get_dht_time()
-    models = {}
-    for name, item in entry.value.items():
+    claims: dict[tuple[str, str], ModelInfo] = {}
+    writers: Counter[tuple[str, str]] = Counter()
+    for subkey, item in entry.value.items():
+        parsed = parse_index_subkey(subkey)
         info = ModelInfo.from_wire(item.value)
-        if isinstance(name, str) and info is not None and item.expiration_time >= now:
-            models[name] = info
+        if parsed is None or info is None or item.expiration_time < now:
+            continue
+        if parsed.digest != content_digest(item.value):
+            continue
+        claims[parsed.model, parsed.digest] = info
+        writers[parsed.model, parsed.digest] += 1
+    models: dict[str, list[ModelInfo]] = {}
+    for claim, _ in writers.most_common():
+        models.setdefault(claim[0], []).append(claims[claim])
     return models

@@ -89,7 +89,9 @@ class Crawler:
         """One pass over the swarm; a failed DHT read gives a snapshot with the error and no models."""
         taken_at, began = time.time(), time.perf_counter()
         try:
-            models = await asyncio.to_thread(get_models, self.dht, latest=True)
+            # a name anyone disputes shows the claim made by most writers (see get_models)
+            claims = await asyncio.to_thread(get_models, self.dht, latest=True)
+            models = {name: named[0] for name, named in claims.items()}
             blocks = {
                 name: await asyncio.to_thread(get_block_servers, self.dht, name, 0, info.num_blocks, latest=True)
                 for name, info in sorted(models.items())

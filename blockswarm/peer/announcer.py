@@ -110,7 +110,9 @@ class Announcer:
             stored = announce_server(
                 self.node.dht, self.model_name, record, self.node.owner_marker, expiration, timeout=timeout
             )
-            announce_model(self.node.dht, self.model_name, self.model_info, expiration, timeout=timeout)
+            announce_model(
+                self.node.dht, self.model_name, self.model_info, self.node.owner_marker, expiration, timeout=timeout
+            )
         except (TimeoutError, DHTUnavailableError) as e:  # the DHT process hangs or is gone
             logger.warning("could not announce this peer's %s record: %s", record.state.value, e or type(e).__name__)
             return False
