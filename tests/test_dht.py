@@ -18,6 +18,8 @@ from blockswarm.dht import (
     MODEL_INDEX_KEY,
     BlockswarmRecordValidator,
     ModelInfo,
+    PeerReport,
+    ReportReason,
     ServerInfo,
     ServerState,
     announce_model,
@@ -25,12 +27,14 @@ from blockswarm.dht import (
     block_key,
     get_block_servers,
     get_models,
+    get_reports,
     make_validators,
     peer_id_from_owner_marker,
+    report_peer,
     validate_model_name,
 )
 from blockswarm.dht.identity import forget, new_identity, peer_id_of
-from blockswarm.dht.keys import IndexSubkey, parse_index_subkey
+from blockswarm.dht.keys import IndexSubkey, parse_index_subkey, report_subkey, reports_key
 from blockswarm.dht.records import content_digest
 
 MODEL = "org/tiny-llama"
@@ -318,3 +322,24 @@ def test_two_servers_on_one_block(swarm):
         {b.dht.peer_id},
     ]
     assert blocks[2][b.dht.peer_id].throughput == 1.0
+
+
+def test_reports_one_per_reporter_and_peer(swarm):
+    a, b, client = swarm
+    model = "org/reported"
+    report = PeerReport(reason=ReportReason.WRONG_OUTPUT, start=0, end=2, reported_at=time.time())
+    expiration = get_dht_time() + 30
+    assert report_peer(b.dht, model, a.dht.peer_id, report, b.public_key, expiration)
+    assert report_peer(client.dht, model, a.dht.peer_id, report, client.public_key, expiration)
+    later = report.model_copy(update={"reported_at": report.reported_at + 1})
+    assert report_peer(b.dht, model, a.dht.peer_id, later, b.public_key, expiration + 1)  # replaces b's own
+    reports = get_reports(a.dht, model)
+    assert list(reports) == [a.dht.peer_id]
+    assert sorted(r.reported_at for r in reports[a.dht.peer_id]) == [report.reported_at, later.reported_at]
+    # nobody can publish a report under another reporter's marker, nor a malformed one
+    assert not a.dht.store(
+        reports_key(model), report.to_wire(), expiration + 2, subkey=report_subkey("Qm1", b.public_key)
+    )
+    bad = report.to_wire() | {"end": 0}
+    assert not a.dht.store(reports_key(model), bad, expiration, subkey=report_subkey("Qm1", a.public_key))
+    assert len(get_reports(client.dht, model)) == 1

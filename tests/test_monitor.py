@@ -16,9 +16,13 @@ import urllib.request
 from html.parser import HTMLParser
 
 import pytest
+from hivemind.dht import DHT
 from hivemind.p2p import PeerID
+from hivemind.utils import get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
 from prometheus_client.parser import text_string_to_metric_families
 
+from blockswarm.dht import PeerReport, ReportReason, make_validators, report_peer
 from blockswarm.local_swarm import LocalSwarm
 from blockswarm.monitor import start_monitor
 from blockswarm.monitor.metrics import render_metrics
@@ -160,6 +164,32 @@ def test_metrics_parse_as_prometheus_text(monitored):
     assert sum(s.value for s in families["blockswarm_peers"].samples) == 3
     assert 0 < value("blockswarm_monitor_crawl_duration_seconds") < 10
     assert value("blockswarm_monitor_crawl_ok") == 1
+
+
+def test_clients_reports_of_wrong_outputs_are_shown(monitored):
+    swarm, monitor = monitored
+    high = by_name(swarm, "high")
+    model_name = next(name for name in models(state(monitor.url)) if name != OTHER_MODEL)
+    reporters = []  # two clients: each its own key (clients in one process would share hivemind's process-wide key)
+    for _ in range(2):
+        validators, marker = make_validators(RSAPrivateKey())
+        reporters.append(
+            (DHT(initial_peers=swarm.initial_peers, client_mode=True, record_validators=validators, start=True), marker)
+        )
+    try:
+        report = PeerReport(reason=ReportReason.WRONG_OUTPUT, start=3, end=5, reported_at=time.time())
+        for dht, marker in reporters:
+            assert report_peer(dht, model_name, PeerID.from_base58(high.peer_id), report, marker, get_dht_time() + 60)
+        payload = wait_for_state(monitor.url, lambda s: peer_entry(s, high)["lie_reports"] == 2)
+        assert peer_entry(payload, by_name(swarm, "low"))["lie_reports"] == 0
+        status, text = fetch(monitor.url + "metrics")
+        families = {family.name: family for family in text_string_to_metric_families(text)}
+        reported = {s.labels["model"]: s.value for s in families["blockswarm_peers_reported_lying"].samples}
+        assert reported == {model_name: 1, OTHER_MODEL: 0}
+        assert "reported ×2" in fetch(monitor.url)[1]
+    finally:
+        for dht, _ in reporters:
+            dht.shutdown()
 
 
 class PageSummary(HTMLParser):

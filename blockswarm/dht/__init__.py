@@ -6,13 +6,15 @@ Imports no other blockswarm package: routing, peer and monitor build on it.
 from .identity import peer_id_from_owner_marker
 from .keys import MODEL_INDEX_KEY, block_key, validate_model_name
 from .node import NodeRole, SwarmJoinError, SwarmNode, start_dht
-from .records import ModelInfo, ServerInfo, ServerState
+from .records import ModelInfo, PeerReport, ReportReason, ServerInfo, ServerState
 from .swarm import (
     DHTUnavailableError,
     announce_model,
     announce_server,
     get_block_servers,
     get_models,
+    get_reports,
+    report_peer,
 )
 from .validation import BlockswarmRecordValidator, make_validators
 
@@ -21,6 +23,8 @@ __all__ = [
     "BlockswarmRecordValidator",
     "DHTUnavailableError",
     "ModelInfo",
+    "PeerReport",
+    "ReportReason",
     "NodeRole",
     "ServerInfo",
     "ServerState",
@@ -31,8 +35,10 @@ __all__ = [
     "block_key",
     "get_block_servers",
     "get_models",
+    "get_reports",
     "make_validators",
     "peer_id_from_owner_marker",
+    "report_peer",
     "start_dht",
     "validate_model_name",
 ]

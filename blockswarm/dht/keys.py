@@ -66,3 +66,24 @@ def parse_index_subkey(subkey: object) -> IndexSubkey | None:
     except (UnicodeDecodeError, ValueError):
         return None
     return IndexSubkey(model, match.group(2).decode(), match.group(3))
+
+
+def reports_key(model: str) -> str:
+    """DHT key of the reports about `model`'s peers (block keys end in a number, this one cannot)."""
+    return f"{validate_model_name(model)}.reports"
+
+
+_REPORT_SUBKEY_RE = re.compile(rb"([1-9A-HJ-NP-Za-km-z]{1,128})(\[owner:.+\])", re.DOTALL)  # base58 id + marker
+
+
+def report_subkey(peer_id_base58: str, owner_marker: bytes) -> bytes:
+    """Subkey of one reporter's report about one peer: the peer's id followed by the reporter's marker."""
+    return peer_id_base58.encode() + owner_marker
+
+
+def parse_report_subkey(subkey: object) -> tuple[str, bytes] | None:
+    """(reported peer id in base58, reporter's marker), or None for subkeys report_subkey cannot have made."""
+    if not isinstance(subkey, bytes):
+        return None
+    match = _REPORT_SUBKEY_RE.fullmatch(subkey)
+    return None if match is None else (match.group(1).decode(), match.group(2))

@@ -121,3 +121,25 @@ class ModelInfo(_WireRecord):
     @classmethod
     def from_wire(cls, raw: Any) -> ModelInfo | None:
         return super().from_wire(raw)
+
+
+class ReportReason(StrEnum):
+    WRONG_OUTPUT = "wrong_output"  # a spot check found its outputs differ from other peers' for the same blocks
+
+
+class PeerReport(_WireRecord):
+    """A client's report that a peer misbehaved, published for the monitor (one per reporter and peer).
+
+    Anyone can publish reports, so they are evidence to weigh (how many distinct reporters), not a verdict.
+    """
+
+    KIND: ClassVar[str] = "report"
+
+    reason: ReportReason = Field(strict=False)  # arrives as its string value
+    start: int = Field(ge=0, lt=MAX_BLOCKS)
+    end: int = Field(gt=0, le=MAX_BLOCKS)
+    reported_at: float = Field(ge=0, allow_inf_nan=False)
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> PeerReport | None:
+        return super().from_wire(raw)

@@ -17,8 +17,16 @@ from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 
 from .identity import peer_id_from_owner_marker
-from .keys import MODEL_INDEX_KEY, IndexSubkey, block_key, parse_index_subkey
-from .records import ModelInfo, ServerInfo, content_digest
+from .keys import (
+    MODEL_INDEX_KEY,
+    IndexSubkey,
+    block_key,
+    parse_index_subkey,
+    parse_report_subkey,
+    report_subkey,
+    reports_key,
+)
+from .records import ModelInfo, PeerReport, ServerInfo, content_digest
 
 DHT_CALL_TIMEOUT = 60.0  # seconds; a traversal with `latest=True` over a big swarm takes a few
 
@@ -139,3 +147,40 @@ def get_models(dht: DHT, *, latest: bool = False, timeout: float = DHT_CALL_TIME
     for claim, _ in writers.most_common():
         models.setdefault(claim[0], []).append(claims[claim])
     return models
+
+
+def report_peer(
+    dht: DHT,
+    model: str,
+    peer_id: PeerID,
+    report: PeerReport,
+    owner_marker: bytes,
+    expiration_time: float,
+    timeout: float = DHT_CALL_TIMEOUT,
+) -> bool:
+    """Publish this node's report about `peer_id` (replacing its earlier one about that peer)."""
+    store = partial(
+        _store_all,
+        keys=[reports_key(model)],
+        subkeys=[report_subkey(peer_id.to_base58(), owner_marker)],
+        values=[report.to_wire()],
+        expiration_time=expiration_time,
+    )
+    return _call(dht, store, timeout)
+
+
+def get_reports(dht: DHT, model: str, *, timeout: float = DHT_CALL_TIMEOUT) -> dict[PeerID, list[PeerReport]]:
+    """The unexpired reports about `model`'s peers: reported peer -> one report per distinct reporter."""
+    key = reports_key(model)
+    entry = _call(dht, partial(_get_all, keys=[key], latest=True), timeout).get(key)
+    if entry is None or not isinstance(entry.value, dict):
+        return {}
+    now = get_dht_time()
+    reports: dict[PeerID, list[PeerReport]] = {}
+    for subkey, item in entry.value.items():
+        parsed = parse_report_subkey(subkey)
+        report = PeerReport.from_wire(item.value)
+        if parsed is None or report is None or item.expiration_time < now:
+            continue
+        reports.setdefault(PeerID.from_base58(parsed[0]), []).append(report)
+    return reports

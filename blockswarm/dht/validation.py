@@ -17,8 +17,8 @@ from hivemind.utils import MSGPackSerializer
 from hivemind.utils.crypto import RSAPrivateKey
 
 from .identity import peer_id_from_owner_marker
-from .keys import MODEL_INDEX_KEY, parse_index_subkey
-from .records import RECORD_TAG, ModelInfo, ServerInfo, content_digest
+from .keys import MODEL_INDEX_KEY, parse_index_subkey, parse_report_subkey
+from .records import RECORD_TAG, ModelInfo, PeerReport, ServerInfo, content_digest
 
 
 class BlockswarmRecordValidator(RecordValidatorBase):
@@ -32,6 +32,8 @@ class BlockswarmRecordValidator(RecordValidatorBase):
       wrote it, and readers take the peer id from the key (identity.py), so nobody can speak for another peer.
     - A value tagged `"_bs": "model"` must parse as ModelInfo and sit in MODEL_INDEX_KEY under the subkey
       "{model}@{its content digest}[owner:...]": an entry can be added but never altered.
+    - A value tagged `"_bs": "report"` must parse as PeerReport under the subkey "{peer id}[owner:...]":
+      a reporter can publish one report per peer, and never alter another reporter's.
     - MODEL_INDEX_KEY holds nothing else. Other subkeyed values pass untouched (other hivemind components
       share the DHT); so do tags of kinds this version does not know, which newer peers may introduce.
     """
@@ -57,6 +59,12 @@ class BlockswarmRecordValidator(RecordValidatorBase):
             )
         if kind == ModelInfo.KIND:
             return is_model_index and _is_model_entry(subkey, value)
+        if kind == PeerReport.KIND:
+            return (
+                not is_model_index
+                and parse_report_subkey(subkey) is not None
+                and PeerReport.from_wire(value) is not None
+            )
         return not is_model_index
 
     def merge_with(self, other: RecordValidatorBase) -> bool:

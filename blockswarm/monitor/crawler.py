@@ -15,7 +15,7 @@ import time
 from hivemind.dht import DHT
 from hivemind.p2p import P2P, PeerID
 
-from blockswarm.dht import ServerInfo, ServerState, get_block_servers, get_models
+from blockswarm.dht import ServerInfo, ServerState, get_block_servers, get_models, get_reports
 from blockswarm.wire.ping import request_status
 
 from .state import History, Reachability, Snapshot, model_state
@@ -96,12 +96,13 @@ class Crawler:
                 name: await asyncio.to_thread(get_block_servers, self.dht, name, 0, info.num_blocks, latest=True)
                 for name, info in sorted(models.items())
             }
+            reports = {name: await asyncio.to_thread(get_reports, self.dht, name) for name in models}
         except Exception as e:
             logger.warning("crawl failed: %s", e, exc_info=True)
             return Snapshot(taken_at=taken_at, crawl_seconds=time.perf_counter() - began, models=[], error=str(e))
         await self._check_all(list(blocks.values()))
         self._forget_older_than(taken_at - self.history.seconds)
-        states = [model_state(name, models[name], blocks[name], self._reachability) for name in blocks]
+        states = [model_state(name, models[name], blocks[name], self._reachability, reports[name]) for name in blocks]
         return Snapshot(taken_at=taken_at, crawl_seconds=time.perf_counter() - began, models=states)
 
     async def _check_all(self, models: list[list[dict[PeerID, ServerInfo]]]) -> None:

@@ -76,6 +76,12 @@ def render_metrics(snapshot: Snapshot | None) -> str:
         "Throughput covering a block of a model, averaged over its blocks.",
         [({"model": model.name}, model.avg_throughput) for model in models],
     )
+    out.family(
+        "blockswarm_peers_reported_lying",
+        "gauge",
+        "Peers of a model that at least one client's spot checks caught returning wrong outputs.",
+        [({"model": model.name}, sum(peer.lie_reports > 0 for peer in model.peers)) for model in models],
+    )
     crawled = snapshot is not None
     out.family(
         "blockswarm_monitor_crawl_duration_seconds",

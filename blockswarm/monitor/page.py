@@ -230,7 +230,7 @@ def _peer_row(peer: PeerRecord, num_blocks: int) -> str:
     cells = [
         _td(f'<code title="{peer.peer_id}">{escape(peer.short_id)}</code>'),
         _td(escape(peer.public_name or "–")),
-        _td(f'<span class="badge {peer.state.value}">{peer.state.value}</span>'),
+        _td(f'<span class="badge {peer.state.value}">{peer.state.value}</span>{_lie_badge(peer.lie_reports)}'),
         _td(reachable),
         _td(f'{span}<span class="muted">{peer.start}:{peer.end}</span>'),
         _td(_number(peer.throughput), numeric=True),
@@ -242,6 +242,13 @@ def _peer_row(peer: PeerRecord, num_blocks: int) -> str:
         _td(pings),
     ]
     return f'<tr data-peer-id="{peer.peer_id}" data-state="{peer.state.value}">{"".join(cells)}</tr>'
+
+
+def _lie_badge(reporters: int) -> str:
+    if not reporters:
+        return ""
+    title = f"{reporters} client(s) caught this peer returning wrong outputs in spot checks (claims, not proof)"
+    return f' <span class="badge unreachable" title="{title}">reported ×{reporters}</span>'
 
 
 def _td(content: str, numeric: bool = False) -> str:

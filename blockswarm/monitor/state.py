@@ -13,7 +13,7 @@ from collections import deque
 from hivemind.p2p import PeerID
 from pydantic import BaseModel
 
-from blockswarm.dht import ModelInfo, ServerInfo, ServerState
+from blockswarm.dht import ModelInfo, PeerReport, ReportReason, ServerInfo, ServerState
 
 
 class Reachability(BaseModel):
@@ -46,6 +46,7 @@ class PeerRecord(BaseModel):
     reachable: bool | None  # None: not asked, because the peer does not announce itself ONLINE
     rtt_ms: float | None
     error: str | None
+    lie_reports: int = 0  # distinct clients whose spot checks caught it returning wrong outputs (unverified claims)
 
     @property
     def serving(self) -> bool:
@@ -93,11 +94,14 @@ def short_id(peer_id: str) -> str:
     return "…" + peer_id[-6:]
 
 
-def peer_record(peer_id: PeerID, info: ServerInfo, reachability: Reachability | None) -> PeerRecord:
+def peer_record(
+    peer_id: PeerID, info: ServerInfo, reachability: Reachability | None, lie_reports: int = 0
+) -> PeerRecord:
     text = peer_id.to_base58()
     return PeerRecord(
         peer_id=text,
         short_id=short_id(text),
+        lie_reports=lie_reports,
         reachable=reachability.reachable if reachability else None,
         rtt_ms=reachability.rtt_ms if reachability else None,
         error=reachability.error if reachability else None,
@@ -126,8 +130,11 @@ def model_state(
     info: ModelInfo,
     blocks: list[dict[PeerID, ServerInfo]],
     reachability: dict[PeerID, Reachability],
+    reports: dict[PeerID, list[PeerReport]] | None = None,
 ) -> ModelState:
-    """Coverage and peers of a model from its block records (one dict per block) and the `info` results."""
+    """Coverage and peers of a model from its block records (one dict per block), the `info` results and the
+    clients' reports of wrong outputs."""
+    reports = reports or {}
     peers: dict[PeerID, PeerRecord] = {}
     coverage = []
     for index, block in enumerate(blocks):
@@ -135,7 +142,8 @@ def model_state(
         for peer_id, server in block.items():
             # a result of an earlier crawl does not apply to a peer that has announced itself gone since
             checked = reachability.get(peer_id) if server.state == ServerState.ONLINE else None
-            record = peers.setdefault(peer_id, peer_record(peer_id, server, checked))
+            lies = sum(report.reason == ReportReason.WRONG_OUTPUT for report in reports.get(peer_id, []))
+            record = peers.setdefault(peer_id, peer_record(peer_id, server, checked, lies))
             if record.serving:
                 serving.append(record)
         coverage.append(
