@@ -15,6 +15,7 @@ from enum import StrEnum
 
 from hivemind.dht import DHT
 from hivemind.p2p import P2P
+from hivemind.utils.crypto import RSAPrivateKey
 
 from .identity import Identity, forget, load_identity, new_identity
 from .process import exit_with_parent
@@ -47,9 +48,14 @@ def _listening_identity(identity_path: str | None) -> tuple[Identity, bool]:
 
 @dataclass(frozen=True)
 class SwarmNode:
-    """A running DHT node and the "[owner:...]" marker that the subkeys of its own records carry."""
+    """A running DHT node, the key its records are signed with, and the "[owner:...]" marker they carry.
+
+    Other hivemind components that sign DHT records on this node (a progress tracker) must be given
+    `signing_key`: the node signs only records carrying its own marker, and refuses to take a second key.
+    """
 
     dht: DHT
+    signing_key: RSAPrivateKey
     owner_marker: bytes
 
     def shutdown(self) -> None:
@@ -95,7 +101,8 @@ def start_dht(
         identity, fresh_identity = _listening_identity(identity_path) if listening else (None, False)
     except Exception as e:  # unreadable file, not a libp2p private key, not RSA: whatever the parsers raise
         raise SwarmJoinError(f"cannot use the identity file {identity_path}: {e}") from e
-    validators, owner_marker = make_validators(identity.key if identity else None)
+    signing_key = identity.key if identity else RSAPrivateKey.process_wide()
+    validators, owner_marker = make_validators(signing_key)
     listening_options = dict(
         host_maddrs=host_maddrs,
         announce_maddrs=list(announce_addrs) or None,
@@ -120,4 +127,4 @@ def start_dht(
         if identity is not None and identity_path is None:
             forget(identity)  # p2pd has read it (or failed); the key lives on in the validators
     exit_with_parent(dht)
-    return SwarmNode(dht, owner_marker)
+    return SwarmNode(dht, signing_key, owner_marker)

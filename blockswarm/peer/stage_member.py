@@ -45,6 +45,7 @@ class StageMember:
             backend.parameters(),
             options,
             parameters_lock=backend.parameters_lock,
+            signing_key=node.signing_key,
         )
         (servers,) = get_block_servers(node.dht, self.model_name, start, start + 1, latest=True)
         mates = [

@@ -22,6 +22,7 @@ from functools import partial
 
 import torch
 from hivemind.dht import DHT
+from hivemind.utils.crypto import RSAPrivateKey
 
 from blockswarm.peer.hivemind_internals import StageHivemindOptimizer
 
@@ -91,8 +92,11 @@ class StageOptimizer:
         parameters: list[torch.nn.Parameter],
         options: StageTrainingOptions = StageTrainingOptions(),
         parameters_lock: threading.Lock | None = None,
+        signing_key: RSAPrivateKey | None = None,
     ):
-        """`parameters_lock`: held by whoever computes with the parameters; the optimizer writes them under it."""
+        """`parameters_lock`: held by whoever computes with the parameters; the optimizer writes them under it.
+        `signing_key`: the key `dht` signs records with (SwarmNode.signing_key); hivemind's process-wide key
+        by default."""
         parameters = list(parameters)
         if not parameters:
             raise ValueError("a stage optimizer needs at least one parameter")
@@ -117,7 +121,10 @@ class StageOptimizer:
             averager_opts=dict(request_timeout=min(3.0, options.matchmaking_time / 2)),
             # look for stage-mates' progress often: hivemind's default (every 3-10 s) leaves a peer blind to a mate
             # for several of our steps, and a peer that sees no mate steps alone
-            tracker_opts=dict(min_refresh_period=0.2, max_refresh_period=1.0, default_refresh_period=0.5),
+            # and publish progress signed with the key the DHT node signs with: it signs nothing else
+            tracker_opts=dict(
+                min_refresh_period=0.2, max_refresh_period=1.0, default_refresh_period=0.5, private_key=signing_key
+            ),
             # average parameters with the stage-mates right after each step, not in the background: a delayed
             # average is applied a step late and keeps the copies apart
             delay_state_averaging=False,
