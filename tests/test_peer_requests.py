@@ -128,13 +128,26 @@ BAD_INFERENCE = {
             (
                 InferenceStep(session_id="s1", position=0),
                 step_payload((1, 1, HIDDEN))[:5]
-                + (1000).to_bytes(4, "little")
                 + (1).to_bytes(4, "little")
+                + (10).to_bytes(4, "little")
                 + (HIDDEN).to_bytes(4, "little")
                 + bytes(4 * HIDDEN),
             )
         ],
         "claims shape",
+    ),
+    "header claims a huge tensor": (  # refused from the header alone, before anything is decoded
+        opening(),
+        [
+            (
+                InferenceStep(session_id="s1", position=0),
+                step_payload((1, 1, HIDDEN))[:5]
+                + (1).to_bytes(4, "little")
+                + (2**32 - 1).to_bytes(4, "little")
+                + (HIDDEN).to_bytes(4, "little"),
+            )
+        ],
+        r"1 x 4294967295 tokens exceed this peer's limit",
     ),
     "garbage payload": (opening(), [(InferenceStep(session_id="s1", position=0), b"\x00" * 40)], "bad magic"),
     "unsupported codec": (opening(codec="zip"), [], "unsupported codec 'zip'"),
@@ -193,16 +206,23 @@ def test_bad_adapter_gets_error_reply(client, first_peer, case):
         adapter_forward(client, first_peer, spec, tensors)
 
 
-def test_adapter_over_max_adapter_bytes_is_refused_before_decoding(tiny_model):
-    """The adapter allowance holds on its own, not only as part of the frame's: a valid adapter over it is refused."""
+@pytest.mark.parametrize(
+    ("codec", "form"), [("none", "as sent"), ("int8-blockwise", "decoded to float32")], ids=["sent", "decoded"]
+)
+def test_adapter_over_max_adapter_bytes_is_refused_before_decoding(tiny_model, codec, form):
+    """The adapter allowance holds on its own, not only as part of the frame's: a valid adapter over it is refused,
+    as sent or once decoded (an 8-bit payload decodes to four times its size), from its headers, before decoding."""
     blocks = load_blocks(tiny_model, 0, 3, progress=False)
     backend = BlockBackend(load_config(tiny_model), blocks, 0, torch.float32, torch.device("cpu"))
     limits = ServingLimits(max_adapter_bytes=2**16)
-    prompts = torch.zeros(3, 1, 32, HIDDEN)  # 96 KiB: over the adapter allowance, far within the frame's limit
+    prompts = torch.zeros(3, 1, 32, HIDDEN)  # 96 KiB in float32: over the adapter allowance, far within the frame's
     request = Frame(
-        ChainRequest(start=0, end=3, adapter=AdapterSpec(prompt_len=32)), encode([torch.randn(1, 2, HIDDEN), prompts])
+        ChainRequest(start=0, end=3, adapter=AdapterSpec(prompt_len=32)),
+        encode([torch.randn(1, 2, HIDDEN)]) + encode([prompts], codec),
     )
     assert request.nbytes() < limits.max_request_bytes(HIDDEN)
+    size = request.nbytes(1) if codec == "none" else 4 * prompts.numel()
+    assert (request.nbytes(1) < 2**16) == (codec != "none")
 
     async def forward_once() -> list:
         handlers = RequestHandlers("tiny", backend, CachePool(64, 3, backend.make_cache), limits, dict)
@@ -211,11 +231,14 @@ def test_adapter_over_max_adapter_bytes_is_refused_before_decoding(tiny_model):
             for message in request.messages():
                 yield message
 
-        return [reply async for reply in handlers.rpc_forward(requests(), context(CLIENT_A))]
+        replies = [reply async for reply in handlers.rpc_forward(requests(), context(CLIENT_A))]
+        assert handlers.admission.adapter_bytes == 0 and handlers.admission.active_requests == 0
+        return replies
 
     (reply,) = asyncio.run(forward_once())
     assert isinstance(reply, RPCError) and reply.message == (
-        f"adapter tensors take {request.nbytes(1)} bytes, more than this peer's limit of 65536 (max_adapter_bytes)"
+        f"adapter tensors take {size} bytes {form}, more than this peer's limit of 65536 per request or session "
+        "(max_adapter_bytes)"
     )
 
 

@@ -1,12 +1,13 @@
-"""Whether a peer takes a request now: caps on open streams per caller and in total, and whether it is leaving;
-and how many requests are computing, which a leaving peer waits for."""
+"""Whether a peer takes a request now: caps on open streams and on requests waiting for compute (per caller and in
+total), on the decoded adapter bytes and the received tensor bytes all requests hold; and whether it is leaving.
+Over a cap, a busy reply at once. Also how many requests are computing, which a leaving peer waits for."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from blockswarm.peer.limits import PeerBusy, ServingLimits
 
@@ -18,9 +19,12 @@ class PeerLeaving(RuntimeError):
 class Admission:
     def __init__(self, limits: ServingLimits):
         self.limits = limits
-        self.active_requests = 0  # requests computing right now
+        self.active_requests = 0  # requests waiting for compute or computing right now
+        self.adapter_bytes = 0  # decoded adapter bytes held by running requests and open sessions
+        self.receiving_bytes = 0  # tensor bytes of the frames requests receive or hold
         self._streams_per_peer: Counter = Counter()
         self._streams = 0
+        self._computing_per_peer: Counter = Counter()
         self.leaving = asyncio.get_running_loop().create_future()  # done once the peer refuses new work
 
     @contextlib.contextmanager
@@ -46,12 +50,70 @@ class Admission:
                 del self._streams_per_peer[remote]
 
     @contextlib.contextmanager
-    def computing(self) -> Iterator[None]:
+    def computing(self, remote: object) -> Iterator[None]:
+        """Count a request of `remote` from when it waits for compute until it is done; PeerBusy at once when the
+        queue is full (the worker computes one request at a time: a longer queue only makes every caller wait)."""
+        limits = self.limits
+        if self._computing_per_peer[remote] >= limits.max_compute_queue_per_peer:
+            raise PeerBusy(
+                f"{self._computing_per_peer[remote]} requests from your peer id wait for compute here, the limit is "
+                f"{limits.max_compute_queue_per_peer}",
+                limits.busy_retry_after,
+            )
+        if self.active_requests >= limits.max_compute_queue:
+            raise PeerBusy(
+                f"{self.active_requests} requests wait for compute here, the limit is {limits.max_compute_queue}",
+                limits.busy_retry_after,
+            )
+        self._computing_per_peer[remote] += 1
         self.active_requests += 1
         try:
             yield
         finally:
             self.active_requests -= 1
+            self._computing_per_peer[remote] -= 1
+            if not self._computing_per_peer[remote]:
+                del self._computing_per_peer[remote]
+
+    @contextlib.contextmanager
+    def holding_adapter(self, nbytes: int) -> Iterator[None]:
+        """Count `nbytes` of decoded adapter tensors while a request or session holds them; PeerBusy at once when
+        they would take the peer over max_adapter_bytes_total."""
+        limit = self.limits.max_adapter_bytes_total
+        if nbytes and self.adapter_bytes + nbytes > limit:
+            raise PeerBusy(
+                f"adapters of running requests take {self.adapter_bytes} bytes here, {nbytes} more would exceed the "
+                f"limit of {limit} (max_adapter_bytes_total)",
+                self.limits.busy_retry_after,
+            )
+        self.adapter_bytes += nbytes
+        try:
+            yield
+        finally:
+            self.adapter_bytes -= nbytes
+
+    @contextlib.contextmanager
+    def receiving(self) -> Iterator[Callable[[int], None]]:
+        """While a request runs: `hold(nbytes)` counts the tensor bytes its latest frame announces (a session's next
+        step replaces its last); PeerBusy at once when they would take the peer over max_receiving_bytes."""
+        held = 0
+
+        def hold(nbytes: int) -> None:
+            nonlocal held
+            limit = self.limits.max_receiving_bytes
+            if nbytes and self.receiving_bytes - held + nbytes > limit:
+                raise PeerBusy(
+                    f"requests being received here take {self.receiving_bytes} bytes, {nbytes} more would exceed "
+                    f"the limit of {limit} (max_receiving_bytes)",
+                    self.limits.busy_retry_after,
+                )
+            self.receiving_bytes += nbytes - held
+            held = nbytes
+
+        try:
+            yield hold
+        finally:
+            self.receiving_bytes -= held
 
     def check_not_leaving(self) -> None:
         if self.leaving.done():

@@ -114,7 +114,9 @@ class Announcer:
                 self.node.dht, self.model_name, self.model_info, self.node.owner_marker, expiration, timeout=timeout
             )
         except (TimeoutError, DHTUnavailableError) as e:  # the DHT process hangs or is gone
-            logger.warning("could not announce this peer's %s record: %s", record.state.value, e or type(e).__name__)
+            logger.warning(
+                "could not announce this peer's %s record: %s", record.state.value, str(e) or type(e).__name__
+            )
             return False
         if not stored:
             logger.warning("could not store this peer's record on the DHT; will retry")

@@ -10,11 +10,13 @@ import asyncio
 import contextlib
 import functools
 from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractContextManager
 
 import torch
 from hivemind.p2p import P2P, P2PContext
 
 from blockswarm.compression.codecs import CODECS
+from blockswarm.models import KVCache
 from blockswarm.peer.adapters import AdapterError, ReceivedAdapter, receive_adapter
 from blockswarm.peer.admission import Admission, PeerLeaving
 from blockswarm.peer.backend import BlockBackend
@@ -32,9 +34,12 @@ from blockswarm.wire.messages import (
     PeerStatus,
     StepReply,
 )
+from blockswarm.wire.payload_headers import payload_headers
+from blockswarm.wire.serving import add_stream_handler
 from blockswarm.wire.trainer_auth import is_valid_train_proof
 from blockswarm.wire.transport import REPLY, REQUEST, Frame, M, WireError, encode, error_message, read_frame
 
+Hold = Callable[[int], None]  # counts the tensor bytes of a request's latest frame, or refuses them (PeerBusy)
 INLINE_STEP_TOKENS = 16  # decoding steps this small run on the event loop: a thread hand-off would cost more
 
 
@@ -43,13 +48,14 @@ REFUSALS = (RequestError, AdapterError, CacheFullError, PeerLeaving, WireError)
 
 
 def _refusing(handler: Callable[..., AsyncIterator]) -> Callable[..., AsyncIterator]:
-    """A stream handler that answers a refused request with an error reply."""
+    """A stream handler that answers a refused request with an error reply; it is admitted under the stream caps,
+    and gets `hold`, which counts the bytes of the frames it receives (Admission.receiving)."""
 
     @functools.wraps(handler)
     async def refusing(self: RequestHandlers, requests: AsyncIterator, context: P2PContext) -> AsyncIterator:
         try:
-            with self.admission.stream(context.remote_id):
-                async for message in handler(self, requests, context):
+            with self.admission.stream(context.remote_id), self.admission.receiving() as hold:
+                async for message in handler(self, requests, context, hold):
                     yield message
         except REFUSALS as e:
             yield error_message(str(e))
@@ -85,7 +91,7 @@ class RequestHandlers:
             (FORWARD_RPC, self.rpc_forward),
             (BACKWARD_RPC, self.rpc_backward),
         ):
-            await p2p.add_protobuf_handler(name, handler, REQUEST, stream_input=True, stream_output=True)
+            await add_stream_handler(p2p, name, handler)  # each message read with a size cap
 
     async def rpc_info(self, request: REQUEST, context: P2PContext) -> REPLY:
         status = PeerStatus(
@@ -102,9 +108,9 @@ class RequestHandlers:
         return next(Frame(status, []).messages(REPLY))
 
     @_refusing
-    async def rpc_inference(self, requests: AsyncIterator, context: P2PContext) -> AsyncIterator:
+    async def rpc_inference(self, requests: AsyncIterator, context: P2PContext, hold: Hold) -> AsyncIterator:
         try:
-            opening = await self._receive(requests, OpenSession)
+            opening = await self._receive(requests, OpenSession, hold)
             if opening is None:
                 return
             session = opening.meta
@@ -113,74 +119,72 @@ class RequestHandlers:
             self._check_codec(session.codec)
             if session.batch_size < 1 or session.max_length < 1:
                 raise RequestError("batch_size and max_length must be positive")
-            adapter = self._receive_adapter(opening, 0, session.batch_size)
             if session.max_length > self.limits.max_session_length:
                 raise RequestError(
                     f"max_length {session.max_length} exceeds this peer's limit of {self.limits.max_session_length}"
                 )
             num_blocks = session.end - session.start
-            async with self.cache.allocate(
-                num_blocks, session.batch_size, session.max_length, self.limits.alloc_timeout
-            ) as caches:
-                length = 0
-                while True:
-                    frame = await self._next_step(requests)
-                    if frame is None:
-                        return
-                    step = frame.meta
-                    if step.session_id != session.session_id:
-                        raise RequestError(
-                            f"unknown session {step.session_id!r}: this stream serves session {session.session_id!r}"
-                        )
-                    hidden = self._decode_hidden(frame, expected_batch=session.batch_size)
-                    seq_len = hidden.shape[1]
-                    if not 0 <= step.position <= length:
-                        raise RequestError(
-                            f"position {step.position} is out of range: the session holds {length} tokens, "
-                            "a step must start at or before its end"
-                        )
-                    if step.position + seq_len > session.max_length:
-                        raise RequestError(
-                            f"step of {seq_len} tokens at position {step.position} exceeds the session's "
-                            f"max_length of {session.max_length}"
-                        )
-                    inline = hidden.shape[0] * seq_len <= INLINE_STEP_TOKENS
-                    with self.admission.computing():
-                        output = await self.backend.run(
-                            self.backend.inference_step,
-                            session.start,
-                            caches,
-                            hidden,
-                            step.position,
-                            adapter,
-                            inline=inline,
-                        )
-                    length = step.position + seq_len
-                    reply = Frame(StepReply(position=step.position), encode([output], session.codec))
-                    for message in reply.messages(REPLY):
-                        yield message
+            with self._adapter_room(opening, 0):
+                adapter = self._receive_adapter(opening, 0, session.batch_size)
+                async with self.cache.allocate(
+                    num_blocks, session.batch_size, session.max_length, self.limits.alloc_timeout
+                ) as caches:
+                    length = 0
+                    while (frame := await self._next_step(requests, hold)) is not None:
+                        with self.admission.computing(context.remote_id):
+                            output = await self._step(session, frame, length, caches, adapter)
+                        length = frame.meta.position + output.shape[1]
+                        reply = Frame(StepReply(position=frame.meta.position), encode([output], session.codec))
+                        for message in reply.messages(REPLY):
+                            yield message
         except TimeoutError:
             yield error_message(f"inference session closed after {self.limits.session_timeout:.0f} s idle")
 
+    async def _step(
+        self,
+        session: OpenSession,
+        frame: Frame[InferenceStep],
+        length: int,
+        caches: list[KVCache],
+        adapter: ReceivedAdapter | None,
+    ) -> torch.Tensor:
+        """One step of a session that holds `length` tokens: checked, decoded, computed."""
+        step = frame.meta
+        if step.session_id != session.session_id:
+            raise RequestError(
+                f"unknown session {step.session_id!r}: this stream serves session {session.session_id!r}"
+            )
+        hidden = self._decode_hidden(frame, expected_batch=session.batch_size)
+        seq_len = hidden.shape[1]
+        if not 0 <= step.position <= length:
+            raise RequestError(
+                f"position {step.position} is out of range: the session holds {length} tokens, "
+                "a step must start at or before its end"
+            )
+        if step.position + seq_len > session.max_length:
+            raise RequestError(
+                f"step of {seq_len} tokens at position {step.position} exceeds the session's "
+                f"max_length of {session.max_length}"
+            )
+        inline = hidden.shape[0] * seq_len <= INLINE_STEP_TOKENS
+        compute = self.backend.inference_step
+        return await self.backend.run(compute, session.start, caches, hidden, step.position, adapter, inline=inline)
+
     @_refusing
-    async def rpc_forward(self, requests: AsyncIterator, context: P2PContext) -> AsyncIterator:
-        frame = await self._receive_chain_request(requests, num_activations=1)
+    async def rpc_forward(self, requests: AsyncIterator, context: P2PContext, hold: Hold) -> AsyncIterator:
+        frame = await self._receive_chain_request(requests, hold, num_activations=1)
         request = frame.meta
-        hidden = self._decode_hidden(frame, 0, 1)
-        adapter = self._receive_adapter(frame, 1, hidden.shape[0])
-        with self.admission.computing():
+        with self.admission.computing(context.remote_id), self._adapter_room(frame, 1):
+            hidden = self._decode_hidden(frame, 0, 1)
+            adapter = self._receive_adapter(frame, 1, hidden.shape[0])
             output = await self.backend.run(self.backend.forward, request.start, request.end, hidden, adapter)
         for message in Frame(None, encode([output], request.codec)).messages(REPLY):
             yield message
 
     @_refusing
-    async def rpc_backward(self, requests: AsyncIterator, context: P2PContext) -> AsyncIterator:
-        frame = await self._receive_chain_request(requests, num_activations=2)
+    async def rpc_backward(self, requests: AsyncIterator, context: P2PContext, hold: Hold) -> AsyncIterator:
+        frame = await self._receive_chain_request(requests, hold, num_activations=2)
         request = frame.meta
-        hidden = self._decode_hidden(frame, 0, 1)
-        grad_output = self._decode_hidden(frame, 1, 2)
-        if grad_output.shape != hidden.shape:
-            raise RequestError(f"grad_output shape {list(grad_output.shape)} != inputs shape {list(hidden.shape)}")
         if request.train and not self.backend.trainable:
             raise RequestError("this peer's blocks are frozen: only peers started with --train learn from backward")
         if request.train and not is_valid_train_proof(
@@ -195,8 +199,12 @@ class RequestHandlers:
                 f"a training peer learns from passes over its whole stage [{self.backend.start}, "
                 f"{self.backend.end}), got [{request.start}, {request.end})"
             )
-        adapter = self._receive_adapter(frame, 2, hidden.shape[0], requires_grad=True)
-        with self.admission.computing():
+        with self.admission.computing(context.remote_id), self._adapter_room(frame, 2):
+            hidden = self._decode_hidden(frame, 0, 1)
+            grad_output = self._decode_hidden(frame, 1, 2)
+            if grad_output.shape != hidden.shape:
+                raise RequestError(f"grad_output shape {list(grad_output.shape)} != inputs shape {list(hidden.shape)}")
+            adapter = self._receive_adapter(frame, 2, hidden.shape[0], requires_grad=True)
             grad_input, *adapter_grads = await self.backend.run(
                 self.backend.backward, request.start, request.end, hidden, grad_output, adapter, request.train
             )
@@ -204,8 +212,10 @@ class RequestHandlers:
         for message in Frame(None, replies).messages(REPLY):
             yield message
 
-    async def _receive_chain_request(self, requests: AsyncIterator, num_activations: int) -> Frame[ChainRequest]:
-        frame = await self._receive(requests, ChainRequest)
+    async def _receive_chain_request(
+        self, requests: AsyncIterator, hold: Hold, num_activations: int
+    ) -> Frame[ChainRequest]:
+        frame = await self._receive(requests, ChainRequest, hold)
         if frame is None:
             raise RequestError("empty request")
         request, payloads = frame.meta, frame.payloads
@@ -220,30 +230,38 @@ class RequestHandlers:
             )
         return frame
 
-    def _receive_adapter(
-        self, frame: Frame[OpenSession | ChainRequest], begin: int, batch_size: int, requires_grad: bool = False
-    ) -> ReceivedAdapter | None:
-        """The adapter of the request's blocks in its payloads from `begin` on; its size is checked before decoding."""
-        request, count, size = frame.meta, len(frame.payloads) - begin, frame.nbytes(begin)
+    def _adapter_room(self, frame: Frame[OpenSession | ChainRequest], begin: int) -> AbstractContextManager:
+        """Check the size of the adapter in the payloads from `begin` on, from its tensors' headers (before any is
+        decoded), then hold its decoded bytes against the peer's budget while the request or session runs."""
+        request, count = frame.meta, len(frame.payloads) - begin
         if request.adapter is None:
             if count:
                 raise RequestError(f"{count} unexpected tensor(s) after the activations, and no adapter")
+            return contextlib.nullcontext()
+        decoded = 4 * sum(header.numel for header in payload_headers(frame, begin))  # float32, as receive_adapter
+        self.limits.check_adapter_bytes(frame.nbytes(begin), decoded)
+        return self.admission.holding_adapter(decoded)
+
+    def _receive_adapter(
+        self, frame: Frame[OpenSession | ChainRequest], begin: int, batch_size: int, requires_grad: bool = False
+    ) -> ReceivedAdapter | None:
+        """The adapter of the request's blocks in its payloads from `begin` on (sized by `_adapter_room` first)."""
+        request = frame.meta
+        if request.adapter is None:
             return None
-        self.limits.check_adapter_bytes(size)
         num_blocks, config, device = request.end - request.start, self.backend.config, self.backend.device
         tensors = frame.tensors(begin)
         return receive_adapter(request.adapter, tensors, config, num_blocks, batch_size, device, requires_grad)
 
-    async def _receive(self, requests: AsyncIterator, schema: type[M]) -> Frame[M] | None:
+    async def _receive(self, requests: AsyncIterator, schema: type[M], hold: Hold) -> Frame[M] | None:
         """A request's first frame: the client has first_message_timeout to start it, step_timeout to send all of it."""
-        return await asyncio.wait_for(
-            read_frame(requests, schema, self._max_bytes, first_message_timeout=self.limits.first_message_timeout),
-            self.limits.step_timeout,
-        )
+        timeout = self.limits.first_message_timeout
+        reading = read_frame(requests, schema, self._max_bytes, first_message_timeout=timeout, announced=hold)
+        return await asyncio.wait_for(reading, self.limits.step_timeout)
 
-    async def _next_step(self, requests: AsyncIterator) -> Frame[InferenceStep] | None:
+    async def _next_step(self, requests: AsyncIterator, hold: Hold) -> Frame[InferenceStep] | None:
         """The next frame of a session, unless the peer starts leaving or the client stays silent too long."""
-        receiving = asyncio.ensure_future(read_frame(requests, InferenceStep, self._max_bytes))
+        receiving = asyncio.ensure_future(read_frame(requests, InferenceStep, self._max_bytes, announced=hold))
         done, _ = await asyncio.wait(
             (receiving, self.admission.leaving),
             timeout=self.limits.session_timeout,
@@ -285,6 +303,7 @@ class RequestHandlers:
         """The one tensor of hidden states among the frame's payloads [begin, end), checked."""
         if len(frame.payloads[begin:end]) != 1:
             raise RequestError(f"expected exactly one tensor of hidden states, got {len(frame.payloads[begin:end])}")
+        (header,) = payload_headers(frame, begin, end)
+        self.limits.check_hidden(header.shape, header.dtype, self.backend.config.hidden_size, expected_batch)
         (hidden,) = frame.tensors(begin, end)
-        self.limits.check_hidden(hidden, self.backend.config.hidden_size, expected_batch)
         return hidden

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -38,8 +39,18 @@ class ServingLimits:
     # how long a new session waits for cache room, and how long a refused request's stream is read to its end
     alloc_timeout: float = 10.0
 
-    # encoded bytes of the deep prompts and LoRA weights a client may send with one request or session opening
+    # bytes of the deep prompts and LoRA weights a client may send with one request or session opening, both as
+    # sent and once decoded to float32 (checked from the tensors' headers before decoding); held until it ends
     max_adapter_bytes: int = 2**26
+    # decoded adapter bytes of all running requests and open sessions together; over it, a busy reply
+    max_adapter_bytes_total: int = 2**30
+    # tensor bytes of the frames all requests receive or hold (as their headers announce them, before the rest is
+    # read; a session holds its latest step); over it, a busy reply
+    max_receiving_bytes: int = 2**32
+    # requests waiting for compute or computing (the worker runs one at a time): in all, and from one remote peer;
+    # over either, a busy reply at once instead of a longer queue
+    max_compute_queue: int = 64
+    max_compute_queue_per_peer: int = 16
     # open request streams (inference sessions, forward and backward calls): from one remote peer, and in all
     max_streams_per_peer: int = 64
     max_streams: int = 1024
@@ -49,17 +60,18 @@ class ServingLimits:
         """Tensor bytes one frame may carry: two activations of max_batch_tokens (float32), an adapter, slack."""
         return 2 * self.max_batch_tokens * hidden_size * 4 + self.max_adapter_bytes + 2**16
 
-    def check_hidden(self, hidden: torch.Tensor, hidden_size: int, expected_batch: int | None = None) -> None:
-        """Raise RequestError unless `hidden` are hidden states [batch, seq_len, hidden_size] within the limits."""
-        if hidden.dim() != 3 or hidden.shape[-1] != hidden_size:
-            raise RequestError(
-                f"hidden states must have shape [batch, seq_len, {hidden_size}], got {list(hidden.shape)}"
-            )
-        if hidden.dtype not in ACCEPTED_DTYPES:
-            raise RequestError(f"hidden states must be float32, float16 or bfloat16, got {hidden.dtype}")
-        batch, seq_len, _ = hidden.shape
+    def check_hidden(
+        self, shape: Sequence[int], dtype: torch.dtype, hidden_size: int, expected_batch: int | None = None
+    ) -> None:
+        """Raise RequestError unless `shape` and `dtype` (read from a tensor's header, before decoding it) are
+        those of hidden states [batch, seq_len, hidden_size] within the limits."""
+        if len(shape) != 3 or shape[-1] != hidden_size:
+            raise RequestError(f"hidden states must have shape [batch, seq_len, {hidden_size}], got {list(shape)}")
+        if dtype not in ACCEPTED_DTYPES:
+            raise RequestError(f"hidden states must be float32, float16 or bfloat16, got {dtype}")
+        batch, seq_len, _ = shape
         if batch < 1 or seq_len < 1:
-            raise RequestError(f"hidden states are empty: shape {list(hidden.shape)}")
+            raise RequestError(f"hidden states are empty: shape {list(shape)}")
         if expected_batch is not None and batch != expected_batch:
             raise RequestError(f"batch size {batch} != the session's batch size {expected_batch}")
         if batch * seq_len > self.max_batch_tokens:
@@ -67,10 +79,12 @@ class ServingLimits:
                 f"{batch} x {seq_len} tokens exceed this peer's limit of {self.max_batch_tokens} per request"
             )
 
-    def check_adapter_bytes(self, size: int) -> None:
-        """Raise RequestError when an adapter's encoded tensors (`size` bytes) are more than a client may send."""
-        if size > self.max_adapter_bytes:
-            raise RequestError(
-                f"adapter tensors take {size} bytes, more than this peer's limit of {self.max_adapter_bytes} "
-                "(max_adapter_bytes)"
-            )
+    def check_adapter_bytes(self, encoded: int, decoded: int) -> None:
+        """Raise RequestError when an adapter's tensors, as sent (`encoded` bytes) or decoded to float32 (`decoded`
+        bytes), are more than one request or session may bring."""
+        for size, form in ((encoded, "as sent"), (decoded, "decoded to float32")):
+            if size > self.max_adapter_bytes:
+                raise RequestError(
+                    f"adapter tensors take {size} bytes {form}, more than this peer's limit of "
+                    f"{self.max_adapter_bytes} per request or session (max_adapter_bytes)"
+                )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -128,12 +128,17 @@ def encode(tensors: Iterable[torch.Tensor], codec: str = "none") -> list[bytes]:
 
 
 async def read_frame(
-    messages: AsyncIterator, schema: type[M] | None, max_bytes: int, first_message_timeout: float | None = None
+    messages: AsyncIterator,
+    schema: type[M] | None,
+    max_bytes: int,
+    first_message_timeout: float | None = None,
+    announced: Callable[[int], None] | None = None,
 ) -> Frame[M] | None:
     """Read one frame of at most `max_bytes` tensor bytes; None when the stream ended cleanly before it.
 
     `schema` validates the metadata (None: a frame without). Raises FramingError, or WireTimeout when the frame's
-    first message takes more than `first_message_timeout` seconds to come; tensors stay encoded.
+    first message takes more than `first_message_timeout` seconds to come; tensors stay encoded. `announced` is
+    called with the tensor bytes the header announces before the rest is read (it may raise to refuse them).
     """
     try:
         first = await asyncio.wait_for(anext(messages, None), first_message_timeout)
@@ -142,6 +147,8 @@ async def read_frame(
     if first is None:
         return None
     meta, sizes, blob = _read_header(first, schema, max_bytes)
+    if announced is not None:
+        announced(sum(sizes))
     parts = [blob]
     received, total = len(blob), sum(sizes)
     while received < total:
@@ -188,7 +195,7 @@ class WireStream:
         try:
             _, reader, writer = await asyncio.wait_for(p2p.call_binary_stream_handler(peer_id, rpc), timeout)
         except (TimeoutError, *_TRANSPORT_ERRORS) as e:
-            raise StreamClosed(f"could not open {rpc}: {e or type(e).__name__}") from e
+            raise StreamClosed(f"could not open {rpc}: {str(e) or type(e).__name__}") from e
         return cls(reader, writer)
 
     def send(self, frame: Frame) -> None:
@@ -206,7 +213,7 @@ class WireStream:
         except TimeoutError:
             raise WireTimeout(f"no reply within {timeout:.1f} s") from None
         except _TRANSPORT_ERRORS as e:
-            raise StreamClosed(f"broken reply: {e or type(e).__name__}") from e
+            raise StreamClosed(f"broken reply: {str(e) or type(e).__name__}") from e
         if frame is None:
             raise StreamClosed("the peer closed the stream")
         return frame
@@ -231,14 +238,24 @@ def _read_header(message, schema: type[M] | None, max_bytes: int) -> tuple[M | N
     """Parse the first message of a frame: (meta, payload sizes, the tensor bytes it already carries)."""
     try:
         header = msgpack.unpackb(message.metadata)
-        sizes = [int(s) for s in header["sizes"]]
+    except Exception as e:
+        raise FramingError(f"malformed message metadata: not msgpack ({e})") from None
+    if not isinstance(header, dict) or not isinstance(sizes := header.get("sizes"), list):
+        raise FramingError("malformed message metadata: expected a map with 'sizes', a list of payload byte counts")
+    if not all(type(size) is int for size in sizes):
+        raise FramingError("malformed message metadata: 'sizes' must hold integers")
+    if schema is not None and "meta" not in header:
+        raise FramingError(f"malformed message metadata: no 'meta' ({schema.__name__} expected)")
+    try:
         meta = schema.model_validate(header["meta"]) if schema is not None else None
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, error['loc']))}: {error['msg']}" for error in e.errors())
+        problems = "; ".join(f"{'.'.join(map(str, ('meta', *error['loc'])))}: {error['msg']}" for error in e.errors())
         raise FramingError(f"malformed message metadata: {problems}") from None
     except Exception as e:
         raise FramingError(f"malformed message metadata: {e}") from None
-    if any(size < 0 for size in sizes) or sum(sizes) > max_bytes:
+    if any(size < 0 for size in sizes):
+        raise FramingError(f"malformed message metadata: negative payload size in {sizes[:16]}")
+    if sum(sizes) > max_bytes:
         raise FramingError(f"message carries {sum(sizes)} bytes of tensors, the limit is {max_bytes}")
     return meta, sizes, _buffers(message)
 
