@@ -72,8 +72,11 @@ class LocalSwarm:
         self.bootstrap = process
         return process
 
-    def start_peer(self, *args: str, name: str | None = None, wait: bool = True) -> LocalProcess:
-        """`args` are extra `run-server` options, e.g. ("--blocks", "0:4")."""
+    def start_peer(
+        self, *args: str, name: str | None = None, wait: bool = True, test_noise: float = 0.0
+    ) -> LocalProcess:
+        """`args` are extra `run-server` options, e.g. ("--blocks", "0:4"). `test_noise` > 0 starts a peer that lies:
+        it adds that much noise (times its outputs' std) to every output, for tests of the clients' spot checks."""
         name = name or f"peer{sum(p.name.startswith('peer') for p in self.processes)}"
         command = [
             "run-server",
@@ -84,7 +87,7 @@ class LocalSwarm:
             *self.initial_peers,
             *args,
         ]
-        process = self._spawn(name, command)
+        process = self._spawn(name, command, {"BLOCKSWARM_TEST_NOISE": str(test_noise)} if test_noise else {})
         if wait:
             self.wait_peer(process)
         return process
@@ -112,10 +115,10 @@ class LocalSwarm:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def _spawn(self, name: str, args: list[str]) -> LocalProcess:
+    def _spawn(self, name: str, args: list[str], extra_env: dict[str, str] | None = None) -> LocalProcess:
         log_path = self.work_dir / f"{name}.log"
         log = open(log_path, "w")  # noqa: SIM115 - handed to the child process
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
         # each process leads a group of its own: signals for the caller's group (Ctrl-C in a terminal) reach only
         # the caller, which stops its swarm in order, and a test can signal one process's whole group
         popen = subprocess.Popen(

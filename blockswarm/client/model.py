@@ -16,6 +16,7 @@ from blockswarm.models import ModelConfig, load_config, load_ends, weights_finge
 from blockswarm.models.naming import swarm_model_name
 from blockswarm.pipeline.inference import InferenceSession
 from blockswarm.pipeline.retry import RetryPolicy
+from blockswarm.pipeline.verification import LieReport
 
 
 class GenerationSession:
@@ -91,6 +92,7 @@ class DistributedModelForCausalLM(nn.Module):
         tuning: TuningConfig | None = None,
         swarm_training: bool = False,
         train_key: str | None = None,
+        verify_fraction: float = 0.05,
     ) -> DistributedModelForCausalLM:
         """Load the embeddings and head from `name_or_path` and join the swarm through `initial_peers`.
 
@@ -106,7 +108,9 @@ class DistributedModelForCausalLM(nn.Module):
         with `run-server --train`, and each `loss.backward()` makes those peers learn (each stage steps together
         once it has seen its target batch size); the local embeddings and head are the caller's to train.
         `train_key` is the run's secret, the one its peers got with `--train-key`: they learn only from trainers
-        that know it.
+        that know it. `verify_fraction` (0..1) of the steps and forward spans are also computed by a second peer
+        serving the same blocks and compared; a peer caught lying is never used again and is listed in
+        `model.lie_reports` (see "Spot-checking peers" in the README). SWARM trainers do not spot-check.
         """
         config = load_config(name_or_path)
         model_name = model_name or swarm_model_name(name_or_path, weights_fingerprint(name_or_path))
@@ -123,6 +127,7 @@ class DistributedModelForCausalLM(nn.Module):
             show_route=show_route,
             swarm_training=swarm_training,
             train_key=train_key,
+            verify_fraction=verify_fraction,
         )
         # anyone may add claims to the index: only a swarm that announces no claim matching ours is refused
         claims = get_models(remote.dht, latest=True).get(model_name, [])
@@ -136,6 +141,11 @@ class DistributedModelForCausalLM(nn.Module):
                 "load the checkpoint the peers serve, or pass the right model_name"
             )
         return cls(config, ends, remote, None if tuning is None else Adapters(tuning, config))
+
+    @property
+    def lie_reports(self) -> list[LieReport]:
+        """Peers caught returning wrong outputs by this client's spot checks (`verify_fraction`)."""
+        return self.remote.lie_reports
 
     def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
         """Logits [batch, seq_len, vocab]; `.backward()` flows through the remote blocks into the adapters."""

@@ -10,12 +10,14 @@ import torch
 from hivemind.p2p import PeerID
 
 from blockswarm.client.event_loop import BackgroundLoop
+from blockswarm.client.lie_reporting import LieReporter
 from blockswarm.dht import NodeRole, start_dht
 from blockswarm.models import ModelConfig
 from blockswarm.pipeline.chain import Chain
 from blockswarm.pipeline.hops import Hop
 from blockswarm.pipeline.inference import InferenceSession
 from blockswarm.pipeline.retry import RetryPolicy
+from blockswarm.pipeline.verification import LieReport, Verifier, check_fraction
 from blockswarm.routing.route import describe_route
 from blockswarm.routing.router import SwarmRouter
 from blockswarm.routing.swarm_view import SwarmView
@@ -38,7 +40,9 @@ class RemoteBlocks:
         show_route: bool = False,
         swarm_training: bool = False,
         train_key: str | None = None,
+        verify_fraction: float = 0.05,
     ):
+        check_fraction(verify_fraction)
         if swarm_training and not train_key:
             raise ValueError(
                 "swarm_training=True needs train_key: the secret the run's peers were started with (--train-key); "
@@ -49,7 +53,8 @@ class RemoteBlocks:
         self.codec = codec
         self.step_timeout = step_timeout
         self.retry_policy = retry_policy or RetryPolicy()
-        self.dht = start_dht(NodeRole.CLIENT, initial_peers).dht
+        self.node = start_dht(NodeRole.CLIENT, initial_peers)
+        self.dht = self.node.dht
         self.loop = BackgroundLoop()
         self.p2p = self.loop.run(self.dht.replicate_p2p())
         self.view = SwarmView(
@@ -61,6 +66,15 @@ class RemoteBlocks:
             training=swarm_training,
         )
         self.router = SwarmRouter(self.view)
+        # training peers' weights move between a step and its check, so a SWARM trainer does not spot-check
+        self.lie_reporter = LieReporter(self.node, model_name)
+        self.verifier = Verifier(
+            self.p2p,
+            self.router,
+            0.0 if swarm_training else verify_fraction,
+            step_timeout,
+            on_report=self.lie_reporter,
+        )
         self.chain = Chain(
             self.p2p,
             self.router,
@@ -68,10 +82,16 @@ class RemoteBlocks:
             step_timeout,
             self.retry_policy,
             train_key=train_key if swarm_training else None,
+            verifier=self.verifier,
         )
         self.show_route = show_route
         self._steps_before: dict[PeerID, int] | None = None  # training peers' steps when this batch began
         self._pinging = asyncio.run_coroutine_threadsafe(self._ping_forever(), self.loop.loop)
+
+    @property
+    def lie_reports(self) -> list[LieReport]:
+        """Every peer spot checks caught returning wrong outputs, oldest first (a copy; `LieReport.as_dict()`)."""
+        return list(self.verifier.reports)
 
     async def _ping_forever(self) -> None:
         """Keep client-to-peer RTTs fresh for routing."""
@@ -146,6 +166,7 @@ class RemoteBlocks:
             self.retry_policy,
             on_route=self._print_route if self.show_route else None,
             adapter=adapter,
+            verifier=self.verifier,
         )
         self.loop.run(session.open())
         return session
@@ -161,6 +182,7 @@ class RemoteBlocks:
 
     def shutdown(self) -> None:
         self._pinging.cancel()
+        self.loop.run(self.lie_reporter.flush(timeout=5.0))
         self.view.close()
         self.loop.run(self.p2p.shutdown())
         self.loop.stop()

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +24,13 @@ from blockswarm.models import KVCache, ModelConfig, TransformerBlock
 from blockswarm.models.adapters import BlockAdapter
 from blockswarm.models.quantization import block_memory_bytes
 from blockswarm.peer.adapters import ReceivedAdapter
+
+logger = logging.getLogger(__name__)
+
+# TEST ONLY: a peer started with this variable set lies, adding Gaussian noise of this many times its outputs' standard
+# deviation to every forward and inference output, so that tests and bench/verify.py can check that clients' spot
+# checks catch it (LocalSwarm.start_peer(..., test_noise=...)). Never set it on a real peer.
+TEST_NOISE_VARIABLE = "BLOCKSWARM_TEST_NOISE"
 
 
 class BlockBackend:
@@ -47,6 +56,9 @@ class BlockBackend:
         # held while computing; a training peer makes it a real lock, under which its optimizer updates the blocks
         self.parameters_lock: threading.Lock | contextlib.nullcontext = contextlib.nullcontext()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blockswarm-compute")
+        self.test_noise = float(os.environ.get(TEST_NOISE_VARIABLE) or 0.0)
+        if self.test_noise:
+            logger.warning("%s=%g: this peer LIES on purpose (a test helper)", TEST_NOISE_VARIABLE, self.test_noise)
 
     def make_cache(self, batch_size: int, max_length: int) -> KVCache:
         return KVCache.allocate(self.config, batch_size, max_length, self.dtype, self.device)
@@ -81,7 +93,7 @@ class BlockBackend:
             blocks = self._span(start, start + len(caches))
             for block, cache, block_adapter in zip(blocks, caches, _per_block(adapter, len(blocks))):
                 hidden = block(hidden, position=position, cache=cache, adapter=block_adapter)
-            return hidden.cpu()
+            return self._maybe_lie(hidden.cpu())
 
     def forward(
         self, start: int, end: int, hidden: torch.Tensor, adapter: ReceivedAdapter | None = None
@@ -91,7 +103,7 @@ class BlockBackend:
             blocks = self._span(start, end)
             for block, block_adapter in zip(blocks, _per_block(adapter, len(blocks))):
                 hidden = block(hidden, adapter=block_adapter)
-            return hidden.cpu()
+            return self._maybe_lie(hidden.cpu())
 
     def backward(
         self,
@@ -124,6 +136,12 @@ class BlockBackend:
         return [grad_input.cpu()] + [
             (torch.zeros_like(leaf) if grad is None else grad).cpu() for leaf, grad in zip(leaves, adapter_grads)
         ]
+
+    def _maybe_lie(self, outputs: torch.Tensor) -> torch.Tensor:
+        """The outputs, or with TEST_NOISE_VARIABLE set (tests only), the outputs plus noise."""
+        if not self.test_noise:
+            return outputs
+        return outputs + self.test_noise * outputs.float().std() * torch.randn_like(outputs)
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

@@ -7,6 +7,9 @@ stage over several peers, the client first runs forward through them to get thei
 A client's adapter (deep prompts, LoRA; see wire/adapters.py) goes with every request, each hop getting its blocks'
 part, and backward returns the gradients w.r.t. it. With `train`, peers started with --train learn from every
 backward pass: that is a SWARM training step, each stage's peer picked by stochastic wiring.
+
+With a `Verifier`, a random share of forward hops is also computed by another peer (pipeline/verification.py); a
+peer caught lying is distrusted and the hop is retried elsewhere, like a failed one.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ from dataclasses import dataclass
 import torch
 from hivemind.p2p import P2P
 
+from blockswarm.compression.codecs import decode_tensor, encode_tensor
 from blockswarm.pipeline.hops import Hop, PeerError, Router
 from blockswarm.pipeline.retry import RetryPolicy, retry
 from blockswarm.pipeline.streams import call
+from blockswarm.pipeline.verification import Verifier
 from blockswarm.wire.adapters import AdapterTensors, adapter_payloads
 from blockswarm.wire.messages import BACKWARD_RPC, FORWARD_RPC, ChainRequest
 from blockswarm.wire.trainer_auth import train_proof
@@ -34,6 +39,7 @@ class Chain:
     timeout: float = 30.0
     retry_policy: RetryPolicy = RetryPolicy()
     train_key: str | None = None  # a SWARM trainer's run key: its backward passes make --train peers learn
+    verifier: Verifier | None = None  # spot-checks a share of forward hops on other peers
 
     @property
     def train(self) -> bool:
@@ -51,12 +57,11 @@ class Chain:
         while block < end:
 
             async def next_hop(block: int = block, hidden: torch.Tensor = hidden) -> tuple[Hop, torch.Tensor]:
-                if not plan or plan[0].start != block:
+                if not plan or plan[0].start != block or not self.router.is_usable(plan[0].peer_id):
                     plan[:] = await self._route(block, end)
                 hop = plan.pop(0)
                 try:
-                    (outputs,) = await self._call(hop, FORWARD_RPC, [hidden], adapter)
-                    return hop, outputs
+                    return hop, await self._checked_forward(hop, hidden, adapter)
                 except PeerError:
                     plan.clear()
                     raise
@@ -115,6 +120,24 @@ class Chain:
             return grad_input
 
         return await retry(self.retry_policy, on_replacement, f"running backward of blocks {hop.start}:{hop.end}")
+
+    async def _checked_forward(self, hop: Hop, hidden: torch.Tensor, adapter: AdapterTensors | None) -> torch.Tensor:
+        """The hop's outputs; when the verifier draws it, another peer computes the same inputs at the same time
+        (the values the hop's peer decodes), and a liar raises LieDetected."""
+        check = None
+        if self.verifier is not None and self.verifier.draw():
+            codec = hop.codec_for(self.codec)
+            seen = hidden if codec == "none" else decode_tensor(encode_tensor(hidden, codec))
+            check = self.verifier.begin(hop, seen, adapter)
+        try:
+            (outputs,) = await self._call(hop, FORWARD_RPC, [hidden], adapter)
+        except BaseException:
+            if check is not None:
+                check.cancel()
+            raise
+        if check is not None:
+            await self.verifier.settle(check, outputs, hop.codec_for(self.codec))
+        return outputs
 
     async def _route(self, start: int, end: int) -> list[Hop]:
         return await asyncio.to_thread(self.router.wire, start, end)

@@ -10,12 +10,15 @@ from hivemind.p2p import PeerID
 
 @dataclass(frozen=True)
 class Hop:
-    """Blocks [start, end) computed by one peer, which decodes the wire codecs it advertises."""
+    """Blocks [start, end) computed by one peer, which decodes the wire codecs it advertises, in `dtype` with weights
+    quantized as `quant` (spot checks compare peers that compute alike)."""
 
     peer_id: PeerID
     start: int
     end: int
     codecs: tuple[str, ...] = ("none",)
+    dtype: str = "float32"
+    quant: str = "none"
 
     def codec_for(self, preferred: str) -> str:
         """The codec for tensors to and from this peer: the caller's choice if the peer speaks it, else none."""
@@ -36,6 +39,12 @@ class Router(Protocol):
 
     def is_usable(self, peer_id: PeerID) -> bool:
         """False once a peer is banned or announced it is leaving (DRAINING/OFFLINE)."""
+
+    def covering(self, start: int, end: int) -> list[Hop]:
+        """Every usable peer serving all of blocks [start, end), as a hop over exactly those blocks (spot checks)."""
+
+    def distrust(self, peer_id: PeerID) -> None:
+        """Never route through a peer caught returning wrong outputs again (for the client's lifetime)."""
 
 
 class NoRouteError(RuntimeError):

@@ -4,6 +4,8 @@ Fault tolerance lives here. The session keeps, for every block where a span of i
 the hidden states that span's peer decoded, indexed by the session's one global position. When a peer
 fails, the session bans it, routes just that span's blocks anew (possibly over several peers), replays the
 history onto the replacement with a lossless codec (so it rebuilds the very same KV cache), and goes on.
+With a `Verifier`, a random share of steps is also computed from that history by another peer
+(pipeline/verification.py); a peer caught lying is replaced the same way, and the step is computed again.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from blockswarm.compression.codecs import decode_tensor, encode_tensor, get_code
 from blockswarm.pipeline.hops import Hop, PeerError, Router
 from blockswarm.pipeline.retry import RetryPolicy, retry
 from blockswarm.pipeline.streams import PeerStream
+from blockswarm.pipeline.verification import LieDetected, Verifier
 from blockswarm.wire.adapters import AdapterTensors, adapter_payloads
 from blockswarm.wire.messages import INFERENCE_RPC, InferenceStep, OpenSession, StepReply
 
@@ -85,6 +88,7 @@ class InferenceSession:
         retry_policy: RetryPolicy | None = None,
         on_route: Callable[[list[Hop]], None] | None = None,
         adapter: AdapterTensors | None = None,
+        verifier: Verifier | None = None,
     ):
         self.p2p = p2p
         self.router = router
@@ -99,6 +103,7 @@ class InferenceSession:
         self.history: dict[int, torch.Tensor] = {}  # first block of a span -> inputs its peer decoded
         self.on_route = on_route  # told about every route chosen: at open and on each failover
         self.adapter = adapter  # the client's deep prompts / LoRA of every block, sent to each span's peer at open
+        self.verifier = verifier  # spot-checks a share of the steps on other peers
 
     async def open(self) -> None:
         self.spans = await retry(self.retry_policy, lambda: self._open_spans(0, self.num_blocks), "opening a route")
@@ -122,12 +127,29 @@ class InferenceSession:
             try:
                 if not self.router.is_usable(span.hop.peer_id):
                     raise PeerError(span.hop.peer_id, "announced it is leaving or was banned")
-                hidden = await span.step(payload, self.position, self.step_timeout)
+                hidden = await self._checked_step(span, payload, seq_len)
                 index += 1
             except PeerError as error:
                 await self._replace(index, error)
         self.position += seq_len
         return hidden.to(dtype)
+
+    async def _checked_step(self, span: SpanSession, payload: bytes, seq_len: int) -> torch.Tensor:
+        """The span's outputs for this step; when the verifier draws it, another peer computes it at the same time
+        from the span's input history, and a liar raises LieDetected (a PeerError: the span is replaced)."""
+        check = None
+        if self.verifier is not None and self.verifier.draw():
+            inputs = self.history[span.hop.start][:, : self.position + seq_len]
+            check = self.verifier.begin(span.hop, inputs, self.adapter, tail=seq_len)
+        try:
+            output = await span.step(payload, self.position, self.step_timeout)
+        except BaseException:
+            if check is not None:
+                check.cancel()
+            raise
+        if check is not None:
+            await self.verifier.settle(check, output, span.codec.name)
+        return output
 
     async def close(self) -> None:
         spans, self.spans = self.spans, []
@@ -145,10 +167,11 @@ class InferenceSession:
         self.router.ban(error.peer_id, error.retry_after)
         await asyncio.gather(failed.close(), return_exceptions=True)
         start, end = failed.hop.start, failed.hop.end
+        why = f" ({error})" if isinstance(error, LieDetected) else ""
         replacement = await retry(
             self.retry_policy,
             lambda: self._open_spans(start, end, replay=True),
-            f"replacing peer {failed.hop.peer_id} for blocks {start}:{end}",
+            f"replacing peer {failed.hop.peer_id} for blocks {start}:{end}{why}",
         )
         self.spans[index : index + 1] = replacement
 

@@ -80,7 +80,7 @@ def min_latency_route(
     boundary = end
     while boundary > start:
         peer, entered, info = came_from[boundary]
-        hops.append(Hop(peer, entered, boundary, tuple(info.codecs)))
+        hops.append(hop_of(peer, info, entered, boundary))
         boundary = entered
     return hops[::-1]
 
@@ -116,9 +116,19 @@ def wired_route(
         candidates = blocks[position]
         reach = {peer: min(info.end, end) for peer, info in candidates.items()}
         peer = wiring.choose(candidates, {p: reach[p] - position for p in candidates})
-        hops.append(Hop(peer, position, reach[peer], tuple(candidates[peer].codecs)))
+        hops.append(hop_of(peer, candidates[peer], position, reach[peer]))
         position = reach[peer]
     return hops
+
+
+def hop_of(peer: PeerID, info: ServerInfo, start: int, end: int) -> Hop:
+    """Blocks [start, end) on `peer`, with what it announced about how it computes and speaks."""
+    return Hop(peer, start, end, tuple(info.codecs), info.dtype, info.quant)
+
+
+def covering_hops(blocks: Sequence[dict[PeerID, ServerInfo]], start: int, end: int) -> list[Hop]:
+    """Every peer of `blocks[start]` whose span reaches `end`, as a hop over exactly [start, end)."""
+    return [hop_of(peer, info, start, end) for peer, info in blocks[start].items() if info.end >= end]
 
 
 def describe_route(hops: Sequence[Hop]) -> str:

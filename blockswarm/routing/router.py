@@ -9,7 +9,13 @@ from typing import TypeVar
 from hivemind.p2p import P2P, PeerID
 
 from blockswarm.pipeline.hops import Hop, NoRouteError
-from blockswarm.routing.route import LatencyModel, StochasticWiring, min_latency_route, wired_route
+from blockswarm.routing.route import (
+    LatencyModel,
+    StochasticWiring,
+    covering_hops,
+    min_latency_route,
+    wired_route,
+)
 from blockswarm.routing.swarm_view import SwarmView
 from blockswarm.wire.ping import RttEma, measure_rtt
 
@@ -42,6 +48,14 @@ class SwarmRouter:
 
     def is_usable(self, peer_id: PeerID) -> bool:
         return self.view.is_usable(peer_id)
+
+    def covering(self, start: int, end: int) -> list[Hop]:
+        """Usable peers serving all of [start, end); no DHT refresh: it runs on the event loop, and a missing
+        checker only skips a spot check."""
+        return covering_hops(self.view.usable_blocks(), start, end)
+
+    def distrust(self, peer_id: PeerID) -> None:
+        self.view.distrust(peer_id)
 
     async def ping_peers(self, p2p: P2P) -> None:
         """Measure RTTs to the peers we know, those never measured first."""

@@ -42,7 +42,8 @@ def usable_peers(
 class SwarmView:
     """Refreshed in a background thread every `refresh_period` seconds, and on demand when routes fail.
 
-    A failing peer is banned for `ban_seconds`, doubled on each repeated failure up to `max_ban_seconds`.
+    A failing peer is banned for `ban_seconds`, doubled on each repeated failure up to `max_ban_seconds`; a peer
+    caught lying (spot checks, pipeline/verification.py) is distrusted: never used again by this view.
     `allowed_peers` (if given) pins routing to those peers; `blocked_peers` are never used. With `training`, the
     view holds the peers that train their blocks (SWARM), otherwise the frozen ones.
     """
@@ -72,6 +73,7 @@ class SwarmView:
         self._leaving: set[PeerID] = set()
         self._banned_until: dict[PeerID, float] = {}
         self._failures: dict[PeerID, int] = {}
+        self._distrusted: set[PeerID] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._refreshed = threading.Event()
@@ -91,7 +93,8 @@ class SwarmView:
             self.refresh()
         now = time.monotonic()
         with self._lock:
-            excluded = self.blocked_peers | {peer for peer, until in self._banned_until.items() if until > now}
+            banned = {peer for peer, until in self._banned_until.items() if until > now}
+            excluded = self.blocked_peers | self._distrusted | banned
             return usable_peers(self._blocks, excluded, self.allowed_peers, self.training)
 
     def peers(self) -> set[PeerID]:
@@ -100,7 +103,20 @@ class SwarmView:
             return {peer for block in self._blocks for peer, info in block.items() if info.state == ServerState.ONLINE}
 
     def is_usable(self, peer_id: PeerID) -> bool:
-        return peer_id not in self._leaving and self._banned_until.get(peer_id, 0) <= time.monotonic()
+        return (
+            peer_id not in self._leaving
+            and peer_id not in self._distrusted
+            and self._banned_until.get(peer_id, 0) <= time.monotonic()
+        )
+
+    def distrust(self, peer_id: PeerID) -> None:
+        """Never use `peer_id` again: it was caught returning wrong outputs. Unlike a ban, this does not expire."""
+        with self._lock:
+            self._distrusted.add(peer_id)
+
+    def distrusted(self) -> set[PeerID]:
+        with self._lock:
+            return set(self._distrusted)
 
     def ban(self, peer_id: PeerID, seconds: float | None = None) -> None:
         """Avoid a failed peer (longer on each failure), or a busy one for `seconds`."""
