@@ -6,6 +6,8 @@ writes whatever it likes; the swarm's own nodes (and the client's) must refuse i
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from hivemind.dht import DHT
@@ -22,17 +24,25 @@ from blockswarm.dht.records import MAX_BLOCKS, MAX_THROUGHPUT, content_digest
 ATTACK_TTL = 3600.0  # later than any honest record's expiration: under hivemind's rules, the newest value wins
 
 
-@pytest.fixture(scope="module")
-def attacker(swarm):
-    signer = RSASignatureValidator(RSAPrivateKey())
+@contextlib.contextmanager
+def _attacker_node(swarm, signer: RSASignatureValidator | None = None):
     node = DHT(
         start=True,
         host_maddrs=["/ip4/127.0.0.1/tcp/0"],
         initial_peers=swarm.initial_peers,
-        record_validators=[signer],
+        record_validators=[signer or RSASignatureValidator(RSAPrivateKey())],
     )
-    yield node, signer.local_public_key
-    node.shutdown()
+    try:
+        yield node
+    finally:
+        node.shutdown()
+
+
+@pytest.fixture(scope="module")
+def attacker(swarm):
+    signer = RSASignatureValidator(RSAPrivateKey())
+    with _attacker_node(swarm, signer) as node:
+        yield node, signer.local_public_key
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +95,10 @@ def test_model_index_entry_cannot_be_overwritten(swarm, attacker, client, tiny_m
     [honest] = get_models(client.remote.dht, latest=True)[name]
     lie = ModelInfo(num_blocks=MAX_BLOCKS, family="llama", config_hash="0" * 16, weights_hash="0" * 16).to_wire()
     expiration = get_dht_time() + ATTACK_TTL
-    node.store(MODEL_INDEX_KEY, lie, expiration, subkey=name)  # the former layout: a plain model-name subkey
+    # the former layout, a plain model-name subkey, from a node of its own: hivemind cannot hold str and bytes
+    # subkeys of one key in its local storage, so the attacker's own node would fail on the bytes ones below
+    with _attacker_node(swarm) as other:
+        other.store(MODEL_INDEX_KEY, lie, expiration, subkey=name)
     honest_digest = content_digest(honest.to_wire())
     node.store(MODEL_INDEX_KEY, lie, expiration, subkey=IndexSubkey(name, honest_digest, marker).to_bytes())
     # a well-formed claim of its own is taken, beside the peers' claim, which stays first (more writers)

@@ -273,8 +273,12 @@ def test_a_flooded_peer_still_serves_in_bounded_memory(tiny_model, blocks, tmp_p
     # once, or refused by the libp2p stack below (which also limits inbound streams) before reaching the peer
     busy = [w for w in idle_words if w == "error: busy: 64 streams from your peer id are open here, the limit is 64; "
             "retry in 2 s"]  # fmt: skip
-    assert idle_words.count("silent") == 2 * 64
-    assert len(busy) >= 20 and len(busy) + idle_words.count("closed") == 2 * (200 - 64), Counter(idle_words)
+    # how many streams libp2p lets through varies with the machine's load: the cap must hold for each flooder
+    for flooder_words in (idle_words[:200], idle_words[200:]):
+        assert flooder_words.count("silent") <= 64, Counter(flooder_words)
+    assert len(busy) >= 20 and len(busy) + idle_words.count("closed") + idle_words.count("silent") == 400, Counter(
+        idle_words
+    )
     assert oversized_words[0].startswith("error: a message of 1099511627776 bytes: one message may carry at most")
     assert oversized_words[1].startswith(f"error: a message of {MAX_MESSAGE_BYTES + 1} bytes")
     assert oversized_words[2].startswith("error: message carries 1099511627776 bytes of tensors, the limit is")
