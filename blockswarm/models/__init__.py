@@ -3,6 +3,7 @@
 Random-weight test checkpoints live in `blockswarm.models.random_init`, imported only by what makes them.
 """
 
+from blockswarm.models.batching import SessionRows, step_block
 from blockswarm.models.block import KVCache, TransformerBlock
 from blockswarm.models.config import ModelConfig
 from blockswarm.models.ends import ModelEnds
@@ -18,10 +19,12 @@ __all__ = [
     "KVCache",
     "ModelConfig",
     "ModelEnds",
+    "SessionRows",
     "TransformerBlock",
     "load_blocks",
     "load_config",
     "load_ends",
     "resolve_checkpoint",
+    "step_block",
     "weights_fingerprint",
 ]

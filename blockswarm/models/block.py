@@ -157,6 +157,15 @@ class Attention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
 
+        return project(self.o_proj, self.attend(q, k, v, position, cache), adapter, "o_proj")
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position: int, cache: KVCache | None
+    ) -> torch.Tensor:
+        """Attention of rotated q [batch, heads, T, head_dim] over this step's k, v (rotated k) and the cache, if
+        any, before o_proj: [batch, T, heads * head_dim]. Shared by one session's pass and a batched tick
+        (`models/batching.py`), where each session attends over its own cache."""
+        batch, _, length, _ = q.shape
         first_key = position  # absolute position of k[:, :, 0]
         if cache is not None:
             end = position + length
@@ -171,9 +180,9 @@ class Attention(nn.Module):
             first_key = 0 if self.sliding_window is None else max(0, position - self.sliding_window + 1)
             k, v = cache.key[:, :, first_key:end], cache.value[:, :, first_key:end]
 
-        mask, is_causal = self._mask(position, length, first_key, k.shape[2], x.device)
+        mask, is_causal = self._mask(position, length, first_key, k.shape[2], q.device)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
-        return project(self.o_proj, out.transpose(1, 2).reshape(batch, length, -1), adapter, "o_proj")
+        return out.transpose(1, 2).reshape(batch, length, -1)
 
     def _mask(
         self, position: int, length: int, first_key: int, num_keys: int, device: torch.device

@@ -17,10 +17,11 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
-from blockswarm.models import KVCache, ModelConfig, TransformerBlock
+from blockswarm.models import KVCache, ModelConfig, SessionRows, TransformerBlock, step_block
 from blockswarm.models.adapters import BlockAdapter
 from blockswarm.models.quantization import block_memory_bytes
 from blockswarm.peer.adapters import ReceivedAdapter
@@ -31,6 +32,21 @@ logger = logging.getLogger(__name__)
 # deviation to every forward and inference output, so that tests and bench/verify.py can check that clients' spot
 # checks catch it (LocalSwarm.start_peer(..., test_noise=...)). Never set it on a real peer.
 TEST_NOISE_VARIABLE = "BLOCKSWARM_TEST_NOISE"
+
+
+@dataclass
+class DecodeStep:
+    """One session's pending step for a batched tick (`BlockBackend.inference_steps`)."""
+
+    start: int  # absolute index of the session's first block on this peer
+    caches: list[KVCache]  # one per block of the session's span: blocks start .. start+len(caches)-1
+    hidden: torch.Tensor  # [batch, seq_len, hidden]
+    position: int
+    adapter: ReceivedAdapter | None = None
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.caches)
 
 
 class BlockBackend:
@@ -94,6 +110,52 @@ class BlockBackend:
             for block, cache, block_adapter in zip(blocks, caches, _per_block(adapter, len(blocks))):
                 hidden = block(hidden, position=position, cache=cache, adapter=block_adapter)
             return self._maybe_lie(hidden.cpu())
+
+    def inference_steps(self, steps: list[DecodeStep]) -> list[torch.Tensor]:
+        """Outputs of each step, equal (1e-4 fp32) to `inference_step` of each alone; sessions sharing a block are
+        computed together in it (one matmul per projection for all their rows), so a tick of many sessions costs
+        little more than one. Every step is checked before any cache is written."""
+        for step in steps:
+            self._check_step(step)
+        if len({id(cache) for step in steps for cache in step.caches}) != sum(len(step.caches) for step in steps):
+            raise ValueError("two steps of one tick share a KV cache: a session may have one pending step per tick")
+        with torch.no_grad(), self.parameters_lock:
+            hiddens = [step.hidden.to(self.device, self.dtype) for step in steps]
+            adapters = [_per_block(step.adapter, len(step.caches)) for step in steps]
+            for index in range(min((s.start for s in steps), default=0), max((s.end for s in steps), default=0)):
+                active = [i for i, step in enumerate(steps) if step.start <= index < step.end]
+                sessions = [
+                    SessionRows(
+                        hiddens[i],
+                        steps[i].position,
+                        steps[i].caches[index - steps[i].start],
+                        adapters[i][index - steps[i].start],
+                    )
+                    for i in active
+                ]
+                for i, output in zip(active, step_block(self.blocks[index - self.start], sessions)):
+                    hiddens[i] = output
+            return [self._maybe_lie(hidden.cpu()) for hidden in hiddens]
+
+    def _check_step(self, step: DecodeStep) -> None:
+        """Refuse a step that could not complete, before any session's cache of the tick is written."""
+        if not (self.start <= step.start and step.end <= self.end and step.caches):
+            raise ValueError(
+                f"blocks [{step.start}, {step.end}) are not a non-empty part of [{self.start}, {self.end})"
+            )
+        if step.hidden.dim() != 3 or step.hidden.shape[1] < 1 or step.hidden.shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"hidden states must be [batch, length, {self.config.hidden_size}], got {list(step.hidden.shape)}"
+            )
+        if step.adapter is not None and len(step.adapter.blocks) != len(step.caches):
+            raise ValueError(f"the adapter has {len(step.adapter.blocks)} blocks for a span of {len(step.caches)}")
+        batch, length = step.hidden.shape[:2]
+        for cache in step.caches:
+            if step.position < 0 or step.position + length > cache.max_length or cache.key.shape[0] != batch:
+                raise ValueError(
+                    f"cache holds batch {cache.key.shape[0]} x {cache.max_length} tokens, "
+                    f"got batch {batch} at positions [{step.position}, {step.position + length})"
+                )
 
     def forward(
         self, start: int, end: int, hidden: torch.Tensor, adapter: ReceivedAdapter | None = None
