@@ -52,6 +52,18 @@ def test_min_latency_weighs_compute_speed():
     assert spans_of(min_latency_route(blocks, 0, 8, "m", rtts)) == [(peer(0), 0, 3), (peer(1), 3, 8)]
 
 
+def test_a_batching_peer_is_weighed_by_its_load():
+    # both take 10 ms per block alone; a batching peer with 50 open sessions needs 51 / 1000 s per block per tick
+    busy = {"inference_rps": 100.0, "batched_inference_tps": 1000.0, "active_sessions": 50}
+    idle = {"inference_rps": 100.0, "batched_inference_tps": 1000.0, "active_sessions": 2}
+    blocks = view({0: (0, 8), 1: (0, 8)}, 8, fields={0: busy, 1: idle})
+    rtts = {peer(0): 0.001, peer(1): 0.001}
+    assert spans_of(min_latency_route(blocks, 0, 8, "m", rtts)) == [(peer(1), 0, 8)]
+    # a few sessions cost nothing: the tick is latency-bound, as fast as one session alone
+    blocks = view({0: (0, 8), 1: (0, 8)}, 8, fields={0: idle, 1: {"inference_rps": 50.0}})
+    assert spans_of(min_latency_route(blocks, 0, 8, "m", rtts)) == [(peer(0), 0, 8)]
+
+
 def test_peers_without_cache_room_are_avoided_unless_nothing_else_serves():
     blocks = view({0: (0, 8), 1: (0, 8)}, 8, fields={0: {"cache_tokens_left": 10}, 1: {"cache_tokens_left": 5000}})
     rtts = {peer(0): 0.001, peer(1): 0.05}

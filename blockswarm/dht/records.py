@@ -25,6 +25,7 @@ MAX_BLOCKS = 4096  # blocks of one model; the largest open models have ~10**2
 MAX_THROUGHPUT = 1e9  # tokens/s through one block; far above any hardware
 MAX_CACHE_TOKENS = 2**31
 MAX_RTT = 600.0  # seconds
+MAX_LOAD = 2**20  # sessions or queued requests of one peer
 
 
 def content_digest(wire: dict[str, Any]) -> str:
@@ -81,7 +82,11 @@ class ServerInfo(_WireRecord):
     throughput: float = Field(default=1.0, ge=0, le=MAX_THROUGHPUT, allow_inf_nan=False)
     inference_rps: float | None = Field(default=None, ge=0, le=MAX_THROUGHPUT, allow_inf_nan=False)
     forward_rps: float | None = Field(default=None, ge=0, le=MAX_THROUGHPUT, allow_inf_nan=False)
+    # decoded tokens/s through one block with 8 sessions batched (continuous batching): capacity under load
+    batched_inference_tps: float | None = Field(default=None, ge=0, le=MAX_THROUGHPUT, allow_inf_nan=False)
     cache_tokens_left: int = Field(default=0, ge=0, le=MAX_CACHE_TOKENS)
+    active_sessions: int = Field(default=0, ge=0, le=MAX_LOAD)  # inference sessions open when announced
+    queued_requests: int = Field(default=0, ge=0, le=MAX_LOAD)  # requests waiting for compute when announced
     dtype: str = Field(default="float32", max_length=32)
     quant: str = Field(default="none", max_length=32)
     codecs: list[str] = Field(default_factory=lambda: ["none"], max_length=16)

@@ -21,7 +21,7 @@ from blockswarm.dht import (
     announce_model,
     announce_server,
 )
-from blockswarm.dht.records import MAX_BLOCKS, MAX_CACHE_TOKENS, MAX_THROUGHPUT
+from blockswarm.dht.records import MAX_BLOCKS, MAX_CACHE_TOKENS, MAX_LOAD, MAX_THROUGHPUT
 from blockswarm.peer.throughput import Throughput
 
 logger = logging.getLogger(__name__)
@@ -78,10 +78,14 @@ class Announcer:
         throughput: Throughput | None,
         cache_tokens_left: int,
         next_pings: dict[str, float],
+        active_sessions: int = 0,
+        queued_requests: int = 0,
     ) -> ServerInfo:
+        """The record announcing `state`; the load figures (capped like any record's) are those of this moment."""
         # measured figures are capped like any record's (no hardware comes near the cap)
         inference_rps = None if throughput is None else min(throughput.inference_rps, MAX_THROUGHPUT)
         forward_rps = None if throughput is None else min(throughput.forward_rps, MAX_THROUGHPUT)
+        batched_tps = None if throughput is None else min(throughput.batched_inference_tps, MAX_THROUGHPUT)
         published = self.throughput_override
         if published is None:
             published = forward_rps if forward_rps is not None else 1.0
@@ -92,7 +96,10 @@ class Announcer:
             throughput=published,
             inference_rps=inference_rps,
             forward_rps=forward_rps,
+            batched_inference_tps=batched_tps,
             cache_tokens_left=cache_tokens_left,
+            active_sessions=min(active_sessions, MAX_LOAD),
+            queued_requests=min(queued_requests, MAX_LOAD),
             next_pings=next_pings,
             dtype=self.profile.dtype,
             quant=self.profile.quant,

@@ -10,25 +10,34 @@ from pathlib import Path
 
 import torch
 
-from blockswarm.models import KVCache, ModelConfig, TransformerBlock
+from blockswarm.models import KVCache, ModelConfig, SessionRows, TransformerBlock, step_block
 
 CACHE_FILE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "blockswarm" / "throughput.json"
 
 
+BATCH_SESSIONS = 8  # sessions decoding together when the batched figure is measured: a busy peer's typical tick
+_MEASUREMENT_VERSION = 2  # part of the cache key: entries measured by older versions lack figures
+
+
 @dataclass(frozen=True)
 class Throughput:
-    inference_rps: float  # single-token decoding steps per second through one block
+    inference_rps: float  # single-token decoding steps per second through one block (one session's latency)
     forward_rps: float  # tokens per second of a forward pass through one block
+    batched_inference_tps: float  # decoded tokens per second through one block, BATCH_SESSIONS sessions at once
 
 
 def measure_throughput(
     block: TransformerBlock, config: ModelConfig, dtype: torch.dtype, device: torch.device, quant: str
 ) -> Throughput:
-    key = f"{config.fingerprint()}|{device}|{dtype}|{quant}|{torch.get_num_threads()}"
+    key = f"v{_MEASUREMENT_VERSION}|{config.fingerprint()}|{device}|{dtype}|{quant}|{torch.get_num_threads()}"
     cached = _read_cache().get(key)
     if cached is not None:
         return Throughput(**cached)
-    result = Throughput(_inference_rps(block, config, dtype, device), _forward_rps(block, config, dtype, device))
+    result = Throughput(
+        _inference_rps(block, config, dtype, device),
+        _forward_rps(block, config, dtype, device),
+        _batched_inference_tps(block, config, dtype, device),
+    )
     _write_cache(key, result)
     return result
 
@@ -46,6 +55,29 @@ def _inference_rps(block: TransformerBlock, config: ModelConfig, dtype: torch.dt
             block(hidden, position=position, cache=cache)
         _synchronize(device)
     return steps / (time.perf_counter() - began)
+
+
+def _batched_inference_tps(
+    block: TransformerBlock, config: ModelConfig, dtype: torch.dtype, device: torch.device
+) -> float:
+    """Continuous batching's rate: every tick steps BATCH_SESSIONS sessions (at different positions) together."""
+    ticks = 12
+    sessions = [
+        SessionRows(
+            torch.randn(1, 1, config.hidden_size, dtype=dtype, device=device),
+            position=4 + index,
+            cache=KVCache.allocate(config, 1, ticks + BATCH_SESSIONS + 8, dtype, device),
+        )
+        for index in range(BATCH_SESSIONS)
+    ]
+    with torch.no_grad():
+        step_block(block, sessions)
+        _synchronize(device)
+        began = time.perf_counter()
+        for tick in range(1, ticks + 1):
+            step_block(block, [SessionRows(s.hidden, s.position + tick, s.cache) for s in sessions])
+        _synchronize(device)
+    return ticks * BATCH_SESSIONS / (time.perf_counter() - began)
 
 
 def _forward_rps(block: TransformerBlock, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> float:

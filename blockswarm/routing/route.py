@@ -29,7 +29,15 @@ class LatencyModel:
     no_cache_penalty: float = 100.0  # seconds: only used when no other peer can hold the session
 
     def block_time(self, info: ServerInfo) -> float:
-        return 1.0 / info.inference_rps if info.inference_rps else self.unknown_block_time
+        """Seconds per block of a step of one more session on this peer.
+
+        Alone, a step takes 1 / inference_rps; a peer batching its sessions' steps computes every open session in
+        each tick, so once it is busy, a tick of its sessions plus this one takes (sessions + 1) / batched rate.
+        """
+        alone = 1.0 / info.inference_rps if info.inference_rps else self.unknown_block_time
+        if not info.batched_inference_tps:
+            return alone
+        return max(alone, (info.active_sessions + 1) / info.batched_inference_tps)
 
 
 def _missing(blocks: Sequence[dict[PeerID, ServerInfo]], start: int, end: int, model: str) -> None:
