@@ -41,16 +41,17 @@ def blocks(tiny_model):
 
 
 def gated_handlers(tiny_model, blocks, limits: ServingLimits) -> tuple[RequestHandlers, asyncio.Event]:
-    """Handlers whose compute waits for the returned event: requests pile up in the compute queue."""
+    """Handlers whose forward/backward jobs wait for the returned event: requests pile up in the compute queue."""
     backend = BlockBackend(load_config(tiny_model), blocks, 0, torch.float32, torch.device("cpu"))
-    gate, run = asyncio.Event(), backend.run
+    handlers = RequestHandlers("tiny", backend, CachePool(64, 3, backend.make_cache), limits, dict)
+    gate, submit_job = asyncio.Event(), handlers.scheduler.submit_job
 
-    async def gated_run(fn, *args, inline: bool = False):
+    async def gated_submit_job(fn, *args):
         await gate.wait()
-        return await run(fn, *args, inline=inline)
+        return await submit_job(fn, *args)
 
-    backend.run = gated_run
-    return RequestHandlers("tiny", backend, CachePool(64, 3, backend.make_cache), limits, dict), gate
+    handlers.scheduler.submit_job = gated_submit_job
+    return handlers, gate
 
 
 def context(remote: PeerID) -> P2PContext:

@@ -28,7 +28,7 @@ from blockswarm.wire.messages import (
     OpenSession,
     StepReply,
 )
-from blockswarm.wire.transport import Frame, encode
+from blockswarm.wire.transport import REQUEST, Frame, encode
 
 HIDDEN = 256  # tiny preset
 
@@ -247,7 +247,7 @@ def test_a_silent_stream_is_refused_within_the_first_message_timeout(tiny_model,
     """A stream opened and left silent holds a handler only for first_message_timeout, not for step_timeout."""
     blocks = load_blocks(tiny_model, 0, 3, progress=False)
     backend = BlockBackend(load_config(tiny_model), blocks, 0, torch.float32, torch.device("cpu"))
-    limits = ServingLimits(first_message_timeout=0.3, alloc_timeout=0.3)
+    limits = ServingLimits(first_message_timeout=0.3, drain_timeout=0.3)
 
     async def silent():
         await asyncio.sleep(3600)
@@ -342,3 +342,32 @@ def test_peer_serves_correctly_after_bad_requests(client, first_peer, tiny_model
                 part = block(part, position=position, cache=cache)
             expected_steps.append(part)
     assert torch.allclose(torch.cat([first, second], dim=1), torch.cat(expected_steps, dim=1), atol=1e-5)
+
+
+def test_a_session_that_does_not_fit_the_cache_now_gets_a_busy_reply_at_once(tiny_model):
+    """A full cache answers a new session busy (the client goes elsewhere) instead of making it wait; a session
+    that could never fit is refused outright."""
+    blocks = load_blocks(tiny_model, 0, 3, progress=False)
+    backend = BlockBackend(load_config(tiny_model), blocks, 0, torch.float32, torch.device("cpu"))
+
+    async def opened(session: OpenSession):
+        for message in Frame(session, []).messages(REQUEST):
+            yield message
+        await asyncio.sleep(3600)
+
+    async def run() -> tuple[RPCError, float, RPCError]:
+        handlers = RequestHandlers("tiny", backend, CachePool(16, 3, backend.make_cache), ServingLimits(), dict)
+        holder = asyncio.ensure_future(anext(handlers.rpc_inference(opened(opening()), context(CLIENT_A))))
+        await asyncio.sleep(0.2)  # the first session holds the whole cache
+        assert handlers.cache.sessions == 1
+        began = time.monotonic()
+        busy = await anext(handlers.rpc_inference(opened(opening(session_id="s2")), context(CLIENT_B)))
+        elapsed = time.monotonic() - began
+        too_big = await anext(handlers.rpc_inference(opened(opening(max_length=17)), context(CLIENT_B)))
+        holder.cancel()
+        return busy, elapsed, too_big
+
+    busy, elapsed, too_big = asyncio.run(run())
+    assert busy.message == "busy: KV cache is full: 0 tokens left per block, the session needs 16; retry in 5 s"
+    assert elapsed < 1.0
+    assert too_big.message.startswith("a session of 1 x 17 tokens over 3 blocks needs 51 block-tokens of cache")

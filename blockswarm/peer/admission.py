@@ -1,6 +1,6 @@
-"""Whether a peer takes a request now: caps on open streams and on requests waiting for compute (per caller and in
-total), on the decoded adapter bytes and the received tensor bytes all requests hold; and whether it is leaving.
-Over a cap, a busy reply at once. Also how many requests are computing, which a leaving peer waits for."""
+"""Whether a peer takes a request now: caps on open streams (per caller and in total), on the decoded adapter bytes
+and the received tensor bytes all requests hold; and whether it is leaving. Over a cap, a busy reply at once. The
+caps on requests waiting for compute are the scheduler's (`Scheduler.admit`); a leaving peer waits for them."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 
 from blockswarm.peer.limits import PeerBusy, ServingLimits
+from blockswarm.peer.scheduler import Scheduler
 
 
 class PeerLeaving(RuntimeError):
@@ -17,15 +18,19 @@ class PeerLeaving(RuntimeError):
 
 
 class Admission:
-    def __init__(self, limits: ServingLimits):
+    def __init__(self, limits: ServingLimits, scheduler: Scheduler):
         self.limits = limits
-        self.active_requests = 0  # requests waiting for compute or computing right now
+        self.scheduler = scheduler
         self.adapter_bytes = 0  # decoded adapter bytes held by running requests and open sessions
         self.receiving_bytes = 0  # tensor bytes of the frames requests receive or hold
         self._streams_per_peer: Counter = Counter()
         self._streams = 0
-        self._computing_per_peer: Counter = Counter()
         self.leaving = asyncio.get_running_loop().create_future()  # done once the peer refuses new work
+
+    @property
+    def active_requests(self) -> int:
+        """Requests waiting for compute or computing right now."""
+        return self.scheduler.active_requests
 
     @contextlib.contextmanager
     def stream(self, remote: object) -> Iterator[None]:
@@ -48,32 +53,6 @@ class Admission:
             self._streams_per_peer[remote] -= 1
             if not self._streams_per_peer[remote]:
                 del self._streams_per_peer[remote]
-
-    @contextlib.contextmanager
-    def computing(self, remote: object) -> Iterator[None]:
-        """Count a request of `remote` from when it waits for compute until it is done; PeerBusy at once when the
-        queue is full (the worker computes one request at a time: a longer queue only makes every caller wait)."""
-        limits = self.limits
-        if self._computing_per_peer[remote] >= limits.max_compute_queue_per_peer:
-            raise PeerBusy(
-                f"{self._computing_per_peer[remote]} requests from your peer id wait for compute here, the limit is "
-                f"{limits.max_compute_queue_per_peer}",
-                limits.busy_retry_after,
-            )
-        if self.active_requests >= limits.max_compute_queue:
-            raise PeerBusy(
-                f"{self.active_requests} requests wait for compute here, the limit is {limits.max_compute_queue}",
-                limits.busy_retry_after,
-            )
-        self._computing_per_peer[remote] += 1
-        self.active_requests += 1
-        try:
-            yield
-        finally:
-            self.active_requests -= 1
-            self._computing_per_peer[remote] -= 1
-            if not self._computing_per_peer[remote]:
-                del self._computing_per_peer[remote]
 
     @contextlib.contextmanager
     def holding_adapter(self, nbytes: int) -> Iterator[None]:

@@ -1,22 +1,17 @@
-"""The blocks a peer serves and the worker thread that runs their math.
+"""The blocks a peer serves and their math, called from the peer's one compute thread (peer/scheduler.py).
 
-Prefill, forward and backward passes run on one worker thread, one at a time, so the event loop stays free to
-move bytes while they compute. Decoding steps of a few tokens (`run(..., inline=True)`) run on the event loop
-itself, where a hand-off to the thread would cost more than the math; such a step may run while the worker
-computes another request. Both only read the weights; a training peer's optimizer writes them under
-`parameters_lock`, which every pass holds. Passes without gradients use no_grad, not inference_mode: tensors
-cached by the blocks (rotary tables) must stay usable by a later backward.
+Passes only read the weights; a training peer's optimizer writes them under `parameters_lock`, which every pass
+holds. Passes without gradients use no_grad, not inference_mode: tensors cached by the blocks (rotary tables)
+must stay usable by a later backward.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -71,20 +66,12 @@ class BlockBackend:
         self.learn: Callable[[list[torch.Tensor], int], None] | None = None
         # held while computing; a training peer makes it a real lock, under which its optimizer updates the blocks
         self.parameters_lock: threading.Lock | contextlib.nullcontext = contextlib.nullcontext()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blockswarm-compute")
         self.test_noise = float(os.environ.get(TEST_NOISE_VARIABLE) or 0.0)
         if self.test_noise:
             logger.warning("%s=%g: this peer LIES on purpose (a test helper)", TEST_NOISE_VARIABLE, self.test_noise)
 
     def make_cache(self, batch_size: int, max_length: int) -> KVCache:
         return KVCache.allocate(self.config, batch_size, max_length, self.dtype, self.device)
-
-    async def run(self, fn, *args, inline: bool = False):
-        """Run `fn(*args)` on the compute thread, or right here when `inline` (tiny steps, where the hand-off
-        to another thread costs more than the math)."""
-        if inline:
-            return fn(*args)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def _span(self, start: int, end: int) -> list[TransformerBlock]:
         return self.blocks[start - self.start : end - self.start]
@@ -204,9 +191,6 @@ class BlockBackend:
         if not self.test_noise:
             return outputs
         return outputs + self.test_noise * outputs.float().std() * torch.randn_like(outputs)
-
-    def shutdown(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
 
 
 def _per_block(adapter: ReceivedAdapter | None, num_blocks: int) -> list[BlockAdapter | None]:

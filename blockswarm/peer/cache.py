@@ -1,16 +1,18 @@
-"""A bounded pool of KV caches: sessions wait for room (up to a timeout) instead of exhausting memory."""
+"""A bounded pool of KV caches: a session that does not fit is refused at once instead of exhausting memory."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable, Iterator
 
 from blockswarm.models import KVCache
+from blockswarm.peer.limits import PeerBusy
+
+CACHE_RETRY_AFTER = 5.0  # seconds a client avoids a peer whose cache is full; short sessions end by then
 
 
 class CacheFullError(RuntimeError):
-    """No room for a session's KV cache within the allocation timeout."""
+    """A session's KV cache would not fit in this peer's whole cache."""
 
 
 class CachePool:
@@ -23,34 +25,33 @@ class CachePool:
         self.capacity = capacity_tokens * num_blocks
         self.num_blocks = num_blocks
         self._used = 0
+        self.sessions = 0  # sessions holding caches now: the load a peer announces
         self._make_cache = make_cache
-        self._freed = asyncio.Condition()
 
     @property
     def tokens_left(self) -> int:
         return (self.capacity - self._used) // self.num_blocks
 
-    @contextlib.asynccontextmanager
-    async def allocate(
-        self, num_blocks: int, batch_size: int, max_length: int, timeout: float
-    ) -> AsyncIterator[list[KVCache]]:
+    @contextlib.contextmanager
+    def allocate(self, num_blocks: int, batch_size: int, max_length: int) -> Iterator[list[KVCache]]:
+        """Caches for one session; PeerBusy at once when they do not fit now (the client goes to another peer
+        rather than wait), CacheFullError when they never would."""
         size = num_blocks * batch_size * max_length
         if size > self.capacity:
             raise CacheFullError(
                 f"a session of {batch_size} x {max_length} tokens over {num_blocks} blocks needs {size} "
                 f"block-tokens of cache, more than this peer holds in total ({self.capacity})"
             )
-        async with self._freed:
-            try:
-                await asyncio.wait_for(self._freed.wait_for(lambda: self._used + size <= self.capacity), timeout)
-            except TimeoutError:
-                raise CacheFullError(
-                    f"KV cache is full: {self.tokens_left} tokens left, waited {timeout:.0f} s for room"
-                ) from None
-            self._used += size
+        if self._used + size > self.capacity:
+            raise PeerBusy(
+                f"KV cache is full: {self.tokens_left} tokens left per block, the session needs "
+                f"{batch_size * max_length}",
+                CACHE_RETRY_AFTER,
+            )
+        self._used += size
+        self.sessions += 1
         try:
             yield [self._make_cache(batch_size, max_length) for _ in range(num_blocks)]
         finally:
-            async with self._freed:
-                self._used -= size
-                self._freed.notify_all()
+            self._used -= size
+            self.sessions -= 1

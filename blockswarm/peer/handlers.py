@@ -1,4 +1,4 @@
-"""RPC handlers: validate every request, run it on the backend, reply or explain what was wrong.
+"""RPC handlers: validate every request, have the peer's scheduler compute it, reply or explain what was wrong.
 
 A bad request gets an error reply on its own stream; it never reaches the math and never stops the peer.
 Requests and replies are frames of wire/transport.py, read and written the same way as on the client's side.
@@ -19,9 +19,10 @@ from blockswarm.compression.codecs import CODECS
 from blockswarm.models import KVCache
 from blockswarm.peer.adapters import AdapterError, ReceivedAdapter, receive_adapter
 from blockswarm.peer.admission import Admission, PeerLeaving
-from blockswarm.peer.backend import BlockBackend
+from blockswarm.peer.backend import BlockBackend, DecodeStep
 from blockswarm.peer.cache import CacheFullError, CachePool
 from blockswarm.peer.limits import RequestError, ServingLimits
+from blockswarm.peer.scheduler import Scheduler
 from blockswarm.wire.adapters import ADAPTER_CODEC
 from blockswarm.wire.messages import (
     BACKWARD_RPC,
@@ -40,7 +41,6 @@ from blockswarm.wire.trainer_auth import is_valid_train_proof
 from blockswarm.wire.transport import REPLY, REQUEST, Frame, M, WireError, encode, error_message, read_frame
 
 Hold = Callable[[int], None]  # counts the tensor bytes of a request's latest frame, or refuses them (PeerBusy)
-INLINE_STEP_TOKENS = 16  # decoding steps this small run on the event loop: a thread hand-off would cost more
 
 
 # what refuses one request: its caller gets the message as an error reply, and the peer goes on serving
@@ -73,8 +73,10 @@ class RequestHandlers:
         limits: ServingLimits,
         status: Callable[[], dict],
         train_key: str | None = None,
+        scheduler: Scheduler | None = None,
     ):
-        """`train_key`: the run key of a --train peer; training backward passes must prove they know it."""
+        """`train_key`: the run key of a --train peer; training backward passes must prove they know it.
+        `scheduler`: the peer's one compute queue (the server's, which stops it; a new one when omitted)."""
         self.model = model
         self.train_key = train_key
         self.backend = backend
@@ -82,7 +84,8 @@ class RequestHandlers:
         self.limits = limits
         self._status = status
         self._max_bytes = limits.max_request_bytes(backend.config.hidden_size)
-        self.admission = Admission(limits)
+        self.scheduler = scheduler if scheduler is not None else Scheduler(limits)
+        self.admission = Admission(limits, self.scheduler)
 
     async def register(self, p2p: P2P) -> None:
         await p2p.add_protobuf_handler(INFO_RPC, self.rpc_info, REQUEST)
@@ -126,12 +129,10 @@ class RequestHandlers:
             num_blocks = session.end - session.start
             with self._adapter_room(opening, 0):
                 adapter = self._receive_adapter(opening, 0, session.batch_size)
-                async with self.cache.allocate(
-                    num_blocks, session.batch_size, session.max_length, self.limits.alloc_timeout
-                ) as caches:
+                with self.cache.allocate(num_blocks, session.batch_size, session.max_length) as caches:
                     length = 0
                     while (frame := await self._next_step(requests, hold)) is not None:
-                        with self.admission.computing(context.remote_id):
+                        with self.scheduler.admit(context.remote_id):
                             output = await self._step(session, frame, length, caches, adapter)
                         length = frame.meta.position + output.shape[1]
                         reply = Frame(StepReply(position=frame.meta.position), encode([output], session.codec))
@@ -166,18 +167,18 @@ class RequestHandlers:
                 f"step of {seq_len} tokens at position {step.position} exceeds the session's "
                 f"max_length of {session.max_length}"
             )
-        inline = hidden.shape[0] * seq_len <= INLINE_STEP_TOKENS
-        compute = self.backend.inference_step
-        return await self.backend.run(compute, session.start, caches, hidden, step.position, adapter, inline=inline)
+        return await self.scheduler.submit_step(
+            self.backend, DecodeStep(session.start, caches, hidden, step.position, adapter)
+        )
 
     @_refusing
     async def rpc_forward(self, requests: AsyncIterator, context: P2PContext, hold: Hold) -> AsyncIterator:
         frame = await self._receive_chain_request(requests, hold, num_activations=1)
         request = frame.meta
-        with self.admission.computing(context.remote_id), self._adapter_room(frame, 1):
+        with self.scheduler.admit(context.remote_id), self._adapter_room(frame, 1):
             hidden = self._decode_hidden(frame, 0, 1)
             adapter = self._receive_adapter(frame, 1, hidden.shape[0])
-            output = await self.backend.run(self.backend.forward, request.start, request.end, hidden, adapter)
+            output = await self.scheduler.submit_job(self.backend.forward, request.start, request.end, hidden, adapter)
         for message in Frame(None, encode([output], request.codec)).messages(REPLY):
             yield message
 
@@ -199,13 +200,13 @@ class RequestHandlers:
                 f"a training peer learns from passes over its whole stage [{self.backend.start}, "
                 f"{self.backend.end}), got [{request.start}, {request.end})"
             )
-        with self.admission.computing(context.remote_id), self._adapter_room(frame, 2):
+        with self.scheduler.admit(context.remote_id), self._adapter_room(frame, 2):
             hidden = self._decode_hidden(frame, 0, 1)
             grad_output = self._decode_hidden(frame, 1, 2)
             if grad_output.shape != hidden.shape:
                 raise RequestError(f"grad_output shape {list(grad_output.shape)} != inputs shape {list(hidden.shape)}")
             adapter = self._receive_adapter(frame, 2, hidden.shape[0], requires_grad=True)
-            grad_input, *adapter_grads = await self.backend.run(
+            grad_input, *adapter_grads = await self.scheduler.submit_job(
                 self.backend.backward, request.start, request.end, hidden, grad_output, adapter, request.train
             )
         replies = encode([grad_input], request.codec) + encode(adapter_grads, ADAPTER_CODEC)
@@ -277,7 +278,7 @@ class RequestHandlers:
         """After an error reply, read what the client already sent until it closes the stream: closing a stream
         with unread data resets it, and the reset can overtake the error reply on its way to the client."""
         with contextlib.suppress(Exception):
-            async with asyncio.timeout(self.limits.alloc_timeout):
+            async with asyncio.timeout(self.limits.drain_timeout):
                 async for _ in requests:
                     pass
 

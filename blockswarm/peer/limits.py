@@ -36,8 +36,8 @@ class ServingLimits:
     # the most a client may take to send the whole first frame of a request: a forward/backward request or an
     # inference session's opening
     step_timeout: float = 300.0
-    # how long a new session waits for cache room, and how long a refused request's stream is read to its end
-    alloc_timeout: float = 10.0
+    # how long a refused request's stream is read to its end (so that the refusal is not lost in a reset)
+    drain_timeout: float = 10.0
 
     # bytes of the deep prompts and LoRA weights a client may send with one request or session opening, both as
     # sent and once decoded to float32 (checked from the tensors' headers before decoding); held until it ends
@@ -47,10 +47,13 @@ class ServingLimits:
     # tensor bytes of the frames all requests receive or hold (as their headers announce them, before the rest is
     # read; a session holds its latest step); over it, a busy reply
     max_receiving_bytes: int = 2**32
-    # requests waiting for compute or computing (the worker runs one at a time): in all, and from one remote peer;
-    # over either, a busy reply at once instead of a longer queue
+    # requests waiting for compute or computing (the scheduler's one thread runs them): in all, and from one remote
+    # peer; over either, a busy reply at once instead of a longer queue
     max_compute_queue: int = 64
     max_compute_queue_per_peer: int = 16
+    # batch x sequence tokens of prefill a scheduler tick computes after its decode steps: a longer prompt goes on
+    # in the next ticks, so decoding sessions wait at most about this much compute for their next token
+    prefill_tokens_per_tick: int = 512
     # open request streams (inference sessions, forward and backward calls): from one remote peer, and in all
     max_streams_per_peer: int = 64
     max_streams: int = 1024

@@ -26,6 +26,7 @@ from blockswarm.peer.lifecycle import Lifecycle
 from blockswarm.peer.limits import ServingLimits
 from blockswarm.peer.loader import SpanLoader
 from blockswarm.peer.pinger import NextPeerPinger
+from blockswarm.peer.scheduler import Scheduler
 from blockswarm.peer.stage_member import StageMember
 from blockswarm.peer.stage_training import StageTrainingOptions
 
@@ -110,6 +111,7 @@ class Server:
             self.span = self.balancer.initial_span()
             self.announcer.announce(self._record(ServerState.JOINING, cache_tokens_left=0), ANNOUNCE_TIMEOUT)
             backend = self.loader.load(*self.span)
+            self.scheduler = Scheduler(options.limits)
             try:
                 if options.train:
                     self.stage = StageMember(
@@ -124,7 +126,7 @@ class Server:
 
                 uvloop.run(self._serve(node, backend))
             finally:
-                backend.shutdown()
+                self.scheduler.stop()
                 if self.stage is not None:
                     self.stage.leave()
         finally:
@@ -155,9 +157,15 @@ class Server:
         )
         self.pinger = NextPeerPinger(node, self.model_name, total)
 
-    def _record(self, state: ServerState, cache_tokens_left: int):
+    def _record(self, state: ServerState, cache_tokens_left: int, active_sessions: int = 0, queued_requests: int = 0):
         return self.announcer.record(
-            state, self.span, self.loader.throughput, cache_tokens_left, self.pinger.snapshot()
+            state,
+            self.span,
+            self.loader.throughput,
+            cache_tokens_left,
+            self.pinger.snapshot(),
+            active_sessions=active_sessions,
+            queued_requests=queued_requests,
         )
 
     def _status(self) -> dict:
@@ -182,10 +190,14 @@ class Server:
             self.options.limits,
             self._status,
             train_key=self.options.train_key if self.options.train else None,
+            scheduler=self.scheduler,
         )
 
         async def announce() -> None:
-            record = self._record(self.lifecycle.state, handlers.cache.tokens_left)
+            cache = handlers.cache
+            record = self._record(
+                self.lifecycle.state, cache.tokens_left, cache.sessions, self.scheduler.active_requests
+            )
             await self.announcer.announce_async(record, ANNOUNCE_TIMEOUT)
 
         self.lifecycle = Lifecycle(announce, self.options.grace_period)
@@ -221,10 +233,8 @@ class Server:
         await self.lifecycle.enter(ServerState.OFFLINE)
         self.span = target
         await self.lifecycle.enter(ServerState.JOINING)
-        old_backend = handlers.backend
         backend = await asyncio.to_thread(self.loader.load, *self.span)
-        handlers.serve(backend, self._cache_for(backend))
-        old_backend.shutdown()
+        handlers.serve(backend, self._cache_for(backend))  # work queued for the old span still runs on it
         await self._go_online()
         print(f"blockswarm peer moved: blocks={old[0]}:{old[1]} -> {self.span[0]}:{self.span[1]}", flush=True)
 
