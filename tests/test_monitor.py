@@ -22,11 +22,20 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 from prometheus_client.parser import text_string_to_metric_families
 
-from blockswarm.dht import PeerReport, ReportReason, make_validators, report_peer
+from blockswarm.dht import (
+    ModelInfo,
+    PeerReport,
+    ReportReason,
+    ServerInfo,
+    ServerState,
+    make_validators,
+    report_peer,
+)
 from blockswarm.local_swarm import LocalSwarm
 from blockswarm.monitor import start_monitor
 from blockswarm.monitor.metrics import render_metrics
 from blockswarm.monitor.page import render_page
+from blockswarm.monitor.state import Reachability, Snapshot, model_state
 
 PERIOD = 1.0
 INFO_TIMEOUT = 2.0
@@ -305,3 +314,18 @@ def test_stopped_peer_turns_offline(monitored):
     entry = peer_entry(payload, other)
     assert entry["reachable"] is None  # not asked: it said it left
     assert models(payload)[OTHER_MODEL]["covered_blocks"] == 0
+
+
+def test_announced_load_reaches_the_page_and_metrics():
+    peer_id = PeerID.from_base58("QmZhqN2PH7SSEt6nMdPFZS7QYCc4cw9TahxztS58JoVRiY")
+    info = ServerInfo(state=ServerState.ONLINE, start=0, end=2, active_sessions=3, queued_requests=5)
+    model = ModelInfo(num_blocks=2, family="llama", config_hash="c", weights_hash="w")
+    reachable = {peer_id: Reachability(reachable=True, checked_at=time.time(), rtt_ms=1.0)}
+    snapshot = Snapshot(
+        taken_at=time.time(), crawl_seconds=0.1, models=[model_state("m", model, [{peer_id: info}] * 2, reachable)]
+    )
+    assert snapshot.models[0].peers[0].active_sessions == 3
+    assert "3 / 5" in render_page(snapshot, {}, period=30)
+    families = {family.name: family for family in text_string_to_metric_families(render_metrics(snapshot))}
+    assert [s.value for s in families["blockswarm_active_sessions"].samples] == [3]
+    assert [s.value for s in families["blockswarm_queued_requests"].samples] == [5]

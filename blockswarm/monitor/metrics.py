@@ -77,6 +77,18 @@ def render_metrics(snapshot: Snapshot | None) -> str:
         [({"model": model.name}, model.avg_throughput) for model in models],
     )
     out.family(
+        "blockswarm_active_sessions",
+        "gauge",
+        "Inference sessions open on a model's ONLINE peers, as last announced.",
+        [({"model": model.name}, sum(p.active_sessions for p in model.peers if p.serving)) for model in models],
+    )
+    out.family(
+        "blockswarm_queued_requests",
+        "gauge",
+        "Requests waiting for compute on a model's ONLINE peers, as last announced.",
+        [({"model": model.name}, sum(p.queued_requests for p in model.peers if p.serving)) for model in models],
+    )
+    out.family(
         "blockswarm_peers_reported_lying",
         "gauge",
         "Peers of a model that at least one client's spot checks caught returning wrong outputs.",

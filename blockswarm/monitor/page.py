@@ -196,6 +196,7 @@ PEER_COLUMNS = (
     "Codecs",
     "Version",
     "Free cache tokens",
+    "Sessions / queued",
     "Pings",
 )
 
@@ -239,6 +240,7 @@ def _peer_row(peer: PeerRecord, num_blocks: int) -> str:
         _td(escape(", ".join(peer.codecs))),
         _td(escape(peer.version or "–")),
         _td(str(peer.cache_tokens_left), numeric=True),
+        _td(f"{peer.active_sessions} / {peer.queued_requests}", numeric=True),
         _td(pings),
     ]
     return f'<tr data-peer-id="{peer.peer_id}" data-state="{peer.state.value}">{"".join(cells)}</tr>'

@@ -42,6 +42,8 @@ class PeerRecord(BaseModel):
     codecs: list[str]
     version: str
     cache_tokens_left: int
+    active_sessions: int  # inference sessions open when the peer last announced itself
+    queued_requests: int  # requests waiting for its compute then
     next_pings: dict[str, float]
     reachable: bool | None  # None: not asked, because the peer does not announce itself ONLINE
     rtt_ms: float | None
@@ -119,6 +121,8 @@ def peer_record(
                 "codecs",
                 "version",
                 "cache_tokens_left",
+                "active_sessions",
+                "queued_requests",
                 "next_pings",
             }
         ),
