@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import Counter
 from collections.abc import Callable, Iterator
 
-from blockswarm.peer.limits import PeerBusy, ServingLimits
+from blockswarm.peer.limits import CallerCounts, PeerBusy, ServingLimits
 from blockswarm.peer.scheduler import Scheduler
 
 
@@ -23,8 +22,7 @@ class Admission:
         self.scheduler = scheduler
         self.adapter_bytes = 0  # decoded adapter bytes held by running requests and open sessions
         self.receiving_bytes = 0  # tensor bytes of the frames requests receive or hold
-        self._streams_per_peer: Counter = Counter()
-        self._streams = 0
+        self._streams = CallerCounts()
         self.leaving = asyncio.get_running_loop().create_future()  # done once the peer refuses new work
 
     @property
@@ -36,23 +34,16 @@ class Admission:
     def stream(self, remote: object) -> Iterator[None]:
         """Count a stream from `remote` while it is open; PeerBusy at once when a cap is reached."""
         limits = self.limits
-        if self._streams_per_peer[remote] >= limits.max_streams_per_peer:
+        if self._streams.of(remote) >= limits.max_streams_per_peer:
             raise PeerBusy(
-                f"{self._streams_per_peer[remote]} streams from your peer id are open here, the limit is "
+                f"{self._streams.of(remote)} streams from your peer id are open here, the limit is "
                 f"{limits.max_streams_per_peer}",
                 limits.busy_retry_after,
             )
-        if self._streams >= limits.max_streams:
+        if self._streams.total >= limits.max_streams:
             raise PeerBusy(f"this peer serves its limit of {limits.max_streams} streams", limits.busy_retry_after)
-        self._streams_per_peer[remote] += 1
-        self._streams += 1
-        try:
+        with self._streams.holding(remote):
             yield
-        finally:
-            self._streams -= 1
-            self._streams_per_peer[remote] -= 1
-            if not self._streams_per_peer[remote]:
-                del self._streams_per_peer[remote]
 
     @contextlib.contextmanager
     def holding_adapter(self, nbytes: int) -> Iterator[None]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +16,31 @@ ACCEPTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 class RequestError(ValueError):
     """The request is invalid; its message is sent back to the caller verbatim."""
+
+
+class CallerCounts:
+    """How many of something (streams, requests) each caller holds and all callers together: what the per-caller
+    and total caps compare with."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self._per_caller: Counter = Counter()
+
+    def of(self, remote: object) -> int:
+        return self._per_caller[remote]
+
+    @contextlib.contextmanager
+    def holding(self, remote: object) -> Iterator[None]:
+        """Count one more for `remote` while the block runs."""
+        self._per_caller[remote] += 1
+        self.total += 1
+        try:
+            yield
+        finally:
+            self.total -= 1
+            self._per_caller[remote] -= 1
+            if not self._per_caller[remote]:
+                del self._per_caller[remote]
 
 
 class PeerBusy(RequestError):

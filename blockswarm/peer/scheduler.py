@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import functools
 import threading
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from blockswarm.peer.backend import BlockBackend, DecodeStep
-from blockswarm.peer.limits import PeerBusy, RequestError, ServingLimits
+from blockswarm.peer.limits import CallerCounts, PeerBusy, RequestError, ServingLimits
 
 MAX_JOB_WAIT_TICKS = 4  # ticks a forward/backward job may be passed over for decode steps and prefills
 
@@ -65,9 +65,8 @@ class _Job(_Work):
 class Scheduler:
     def __init__(self, limits: ServingLimits):
         self.limits = limits
-        self.active_requests = 0  # requests admitted: waiting for compute or computing
         self.ticks = 0
-        self._per_peer: Counter = Counter()
+        self._admitted = CallerCounts()  # requests waiting for compute or computing
         self._decodes: list[_Step] = []
         self._prefills: deque[_Step] = deque()
         self._jobs: deque[_Job] = deque()
@@ -80,26 +79,24 @@ class Scheduler:
         """Count a request of `remote` from when it waits for compute until it is done; PeerBusy at once when the
         queue is full (one thread computes: a longer queue only makes every caller wait)."""
         limits = self.limits
-        if self._per_peer[remote] >= limits.max_compute_queue_per_peer:
+        if self._admitted.of(remote) >= limits.max_compute_queue_per_peer:
             raise PeerBusy(
-                f"{self._per_peer[remote]} requests from your peer id wait for compute here, the limit is "
+                f"{self._admitted.of(remote)} requests from your peer id wait for compute here, the limit is "
                 f"{limits.max_compute_queue_per_peer}",
                 limits.busy_retry_after,
             )
-        if self.active_requests >= limits.max_compute_queue:
+        if self._admitted.total >= limits.max_compute_queue:
             raise PeerBusy(
-                f"{self.active_requests} requests wait for compute here, the limit is {limits.max_compute_queue}",
+                f"{self._admitted.total} requests wait for compute here, the limit is {limits.max_compute_queue}",
                 limits.busy_retry_after,
             )
-        self._per_peer[remote] += 1
-        self.active_requests += 1
-        try:
+        with self._admitted.holding(remote):
             yield
-        finally:
-            self.active_requests -= 1
-            self._per_peer[remote] -= 1
-            if not self._per_peer[remote]:
-                del self._per_peer[remote]
+
+    @property
+    def active_requests(self) -> int:
+        """Requests admitted: waiting for compute or computing."""
+        return self._admitted.total
 
     async def submit_step(self, backend: BlockBackend, step: DecodeStep) -> torch.Tensor:
         """A session's step: one token (per row) is a decode step, batched with the tick's others; longer is a
