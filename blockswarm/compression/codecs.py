@@ -161,9 +161,23 @@ def encode_tensor(tensor: torch.Tensor, codec: str = "none") -> bytes:
     return b"".join((header, dims, *spec.encode(tensor)))
 
 
-def decode_tensor(data: bytes | bytearray | memoryview) -> torch.Tensor:
-    """Inverse of `encode_tensor`; the result has the original dtype, on CPU. Raises WireFormatError."""
-    data = memoryview(data)
+@dataclass(frozen=True)
+class TensorHeader:
+    """What an encoded tensor claims to be, read from its header alone (before any value is decoded)."""
+
+    codec: Codec
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    size: int  # header bytes: the values start here
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def read_header(data: bytes | bytearray | memoryview) -> TensorHeader:
+    """The header of an `encode_tensor` payload; raises WireFormatError when it is unreadable or inconsistent.
+    Whether the payload carries that many values is checked by `decode_tensor`."""
     if len(data) < _HEADER.size:
         raise WireFormatError(f"tensor payload of {len(data)} bytes is shorter than its header")
     magic, codec_id, dtype_id, ndim = _HEADER.unpack_from(data)
@@ -175,14 +189,21 @@ def decode_tensor(data: bytes | bytearray | memoryview) -> torch.Tensor:
         raise WireFormatError(f"unknown dtype id {dtype_id}")
     if ndim > MAX_NDIM:
         raise WireFormatError(f"tensor header claims {ndim} dims (at most {MAX_NDIM})")
-    offset = _HEADER.size + 4 * ndim
-    if len(data) < offset:
+    size = _HEADER.size + 4 * ndim
+    if len(data) < size:
         raise WireFormatError("tensor payload is truncated inside its shape")
     shape = struct.unpack_from(f"<{ndim}I", data, _HEADER.size)
-    dtype = WIRE_DTYPES[dtype_id]
-    spec = _CODECS_BY_ID[codec_id]
+    spec, dtype = _CODECS_BY_ID[codec_id], WIRE_DTYPES[dtype_id]
     if not spec.accepts(dtype):
         raise WireFormatError(f"codec {spec.name!r} cannot carry {dtype} tensors")
+    return TensorHeader(spec, dtype, shape, size)
+
+
+def decode_tensor(data: bytes | bytearray | memoryview) -> torch.Tensor:
+    """Inverse of `encode_tensor`; the result has the original dtype, on CPU. Raises WireFormatError."""
+    data = memoryview(data)
+    header = read_header(data)
+    spec, dtype, shape, offset = header.codec, header.dtype, header.shape, header.size
     numel = math.prod(shape)
     expected = spec.payload_size(numel, dtype)
     if len(data) - offset != expected:

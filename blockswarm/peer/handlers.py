@@ -15,13 +15,13 @@ from contextlib import AbstractContextManager
 import torch
 from hivemind.p2p import P2P, P2PContext
 
-from blockswarm.compression.codecs import CODECS
 from blockswarm.models import KVCache
-from blockswarm.peer.adapters import AdapterError, ReceivedAdapter, receive_adapter
+from blockswarm.peer.adapters import AdapterError, ReceivedAdapter
 from blockswarm.peer.admission import Admission, PeerLeaving
 from blockswarm.peer.backend import BlockBackend, DecodeStep
 from blockswarm.peer.cache import CacheFullError, CachePool
 from blockswarm.peer.limits import RequestError, ServingLimits
+from blockswarm.peer.request_checks import check_codec, check_span, decode_hidden, receive_request_adapter
 from blockswarm.peer.scheduler import Scheduler
 from blockswarm.wire.adapters import ADAPTER_CODEC
 from blockswarm.wire.messages import (
@@ -118,8 +118,8 @@ class RequestHandlers:
                 return
             session = opening.meta
             self.admission.check_not_leaving()
-            self._check_span(session.start, session.end)
-            self._check_codec(session.codec)
+            check_span(self.backend, session.start, session.end)
+            check_codec(session.codec)
             if session.batch_size < 1 or session.max_length < 1:
                 raise RequestError("batch_size and max_length must be positive")
             if session.max_length > self.limits.max_session_length:
@@ -128,7 +128,7 @@ class RequestHandlers:
                 )
             num_blocks = session.end - session.start
             with self._adapter_room(opening, 0):
-                adapter = self._receive_adapter(opening, 0, session.batch_size)
+                adapter = receive_request_adapter(opening, 0, self.backend, session.batch_size)
                 with self.cache.allocate(num_blocks, session.batch_size, session.max_length) as caches:
                     length = 0
                     while (frame := await self._next_step(requests, hold)) is not None:
@@ -155,7 +155,7 @@ class RequestHandlers:
             raise RequestError(
                 f"unknown session {step.session_id!r}: this stream serves session {session.session_id!r}"
             )
-        hidden = self._decode_hidden(frame, expected_batch=session.batch_size)
+        hidden = decode_hidden(frame, self.backend, self.limits, expected_batch=session.batch_size)
         seq_len = hidden.shape[1]
         if not 0 <= step.position <= length:
             raise RequestError(
@@ -176,8 +176,8 @@ class RequestHandlers:
         frame = await self._receive_chain_request(requests, hold, num_activations=1)
         request = frame.meta
         with self.scheduler.admit(context.remote_id), self._adapter_room(frame, 1):
-            hidden = self._decode_hidden(frame, 0, 1)
-            adapter = self._receive_adapter(frame, 1, hidden.shape[0])
+            hidden = decode_hidden(frame, self.backend, self.limits, 0, 1)
+            adapter = receive_request_adapter(frame, 1, self.backend, hidden.shape[0])
             output = await self.scheduler.submit_job(self.backend.forward, request.start, request.end, hidden, adapter)
         for message in Frame(None, encode([output], request.codec)).messages(REPLY):
             yield message
@@ -201,11 +201,11 @@ class RequestHandlers:
                 f"{self.backend.end}), got [{request.start}, {request.end})"
             )
         with self.scheduler.admit(context.remote_id), self._adapter_room(frame, 2):
-            hidden = self._decode_hidden(frame, 0, 1)
-            grad_output = self._decode_hidden(frame, 1, 2)
+            hidden = decode_hidden(frame, self.backend, self.limits, 0, 1)
+            grad_output = decode_hidden(frame, self.backend, self.limits, 1, 2)
             if grad_output.shape != hidden.shape:
                 raise RequestError(f"grad_output shape {list(grad_output.shape)} != inputs shape {list(hidden.shape)}")
-            adapter = self._receive_adapter(frame, 2, hidden.shape[0], requires_grad=True)
+            adapter = receive_request_adapter(frame, 2, self.backend, hidden.shape[0], requires_grad=True)
             grad_input, *adapter_grads = await self.scheduler.submit_job(
                 self.backend.backward, request.start, request.end, hidden, grad_output, adapter, request.train
             )
@@ -221,8 +221,8 @@ class RequestHandlers:
             raise RequestError("empty request")
         request, payloads = frame.meta, frame.payloads
         self.admission.check_not_leaving()
-        self._check_span(request.start, request.end)
-        self._check_codec(request.codec)
+        check_span(self.backend, request.start, request.end)
+        check_codec(request.codec)
         adapter_tensors = request.adapter.num_tensors(request.end - request.start) if request.adapter else 0
         if len(payloads) != num_activations + adapter_tensors:
             raise RequestError(
@@ -239,20 +239,11 @@ class RequestHandlers:
             if count:
                 raise RequestError(f"{count} unexpected tensor(s) after the activations, and no adapter")
             return contextlib.nullcontext()
-        decoded = 4 * sum(header.numel for header in payload_headers(frame, begin))  # float32, as receive_adapter
+        decoded = 4 * sum(
+            header.numel for header in payload_headers(frame, begin)
+        )  # decoded to float32
         self.limits.check_adapter_bytes(frame.nbytes(begin), decoded)
         return self.admission.holding_adapter(decoded)
-
-    def _receive_adapter(
-        self, frame: Frame[OpenSession | ChainRequest], begin: int, batch_size: int, requires_grad: bool = False
-    ) -> ReceivedAdapter | None:
-        """The adapter of the request's blocks in its payloads from `begin` on (sized by `_adapter_room` first)."""
-        request = frame.meta
-        if request.adapter is None:
-            return None
-        num_blocks, config, device = request.end - request.start, self.backend.config, self.backend.device
-        tensors = frame.tensors(begin)
-        return receive_adapter(request.adapter, tensors, config, num_blocks, batch_size, device, requires_grad)
 
     async def _receive(self, requests: AsyncIterator, schema: type[M], hold: Hold) -> Frame[M] | None:
         """A request's first frame: the client has first_message_timeout to start it, step_timeout to send all of it."""
@@ -286,25 +277,3 @@ class RequestHandlers:
         """Start serving another span (after a rebalancing move): new blocks, new cache, accepting work again."""
         self.backend, self.cache = backend, cache
         self.admission.accept_again()
-
-    def _check_span(self, start: int, end: int) -> None:
-        if not self.backend.start <= start < end <= self.backend.end:
-            raise RequestError(
-                f"blocks [{start}, {end}) are not served here: this peer serves "
-                f"[{self.backend.start}, {self.backend.end})"
-            )
-
-    def _check_codec(self, codec: str) -> None:
-        if codec not in CODECS:
-            raise RequestError(f"unsupported codec {codec!r}; this peer supports {sorted(CODECS)}")
-
-    def _decode_hidden(
-        self, frame: Frame, begin: int = 0, end: int | None = None, expected_batch: int | None = None
-    ) -> torch.Tensor:
-        """The one tensor of hidden states among the frame's payloads [begin, end), checked."""
-        if len(frame.payloads[begin:end]) != 1:
-            raise RequestError(f"expected exactly one tensor of hidden states, got {len(frame.payloads[begin:end])}")
-        (header,) = payload_headers(frame, begin, end)
-        self.limits.check_hidden(header.shape, header.dtype, self.backend.config.hidden_size, expected_batch)
-        (hidden,) = frame.tensors(begin, end)
-        return hidden
