@@ -239,9 +239,7 @@ class RequestHandlers:
             if count:
                 raise RequestError(f"{count} unexpected tensor(s) after the activations, and no adapter")
             return contextlib.nullcontext()
-        decoded = 4 * sum(
-            header.numel for header in payload_headers(frame, begin)
-        )  # decoded to float32
+        decoded = 4 * sum(header.numel for header in payload_headers(frame, begin))  # decoded to float32
         self.limits.check_adapter_bytes(frame.nbytes(begin), decoded)
         return self.admission.holding_adapter(decoded)
 
