@@ -109,9 +109,11 @@ def test_batched_ticks_equal_each_session_alone(family):
     backend = make_backend(family)
     sessions = [Session(backend, *spec) for spec in SESSIONS]
     for tick in range(4):
-        # a session may sit a tick out, and one sends two tokens at once: both still batch correctly
+        # a session may sit a tick out, one sends two tokens at once, and one a 5-token prefill chunk: all still
+        # batch correctly with the decode steps
         ticking = [s for i, s in enumerate(sessions) if (i + tick) % 4 != 3]
-        inputs = [s.next_input(2 if tick == 1 and s is ticking[0] else 1) for s in ticking]
+        lengths = {id(ticking[0]): 2 if tick == 1 else 1, id(ticking[-1]): 5 if tick == 2 else 1}
+        inputs = [s.next_input(lengths.get(id(s), 1)) for s in ticking]
         alone_caches = [clone(s.caches) for s in ticking]
         expected = [
             backend.inference_step(s.start, caches, hidden, s.position, s.adapter)

@@ -40,12 +40,9 @@ class RecordingBackend:
         self.log: list[tuple] = []
 
     def inference_steps(self, steps: list[DecodeStep]) -> list[torch.Tensor]:
-        self.log.append(("decode", sorted(step.position for step in steps)))
+        """A tick: (position, length) of each step, a decode step's length being 1."""
+        self.log.append(("tick", sorted((step.position, step.hidden.shape[1]) for step in steps)))
         return [step.hidden + 1 for step in steps]
-
-    def inference_step(self, start, caches, hidden, position, adapter=None) -> torch.Tensor:
-        self.log.append(("prefill" if hidden.shape[1] > 1 else "decode", position, hidden.shape[1]))
-        return hidden + 1
 
     def job(self, name: str) -> str:
         self.log.append(("job", name))
@@ -69,7 +66,7 @@ async def held(scheduler: Scheduler) -> threading.Event:
     return release
 
 
-def test_decode_steps_go_before_prefills_before_jobs():
+def test_decode_steps_and_prefills_share_a_tick_before_jobs():
     backend = RecordingBackend()
 
     async def run():
@@ -88,7 +85,7 @@ def test_decode_steps_go_before_prefills_before_jobs():
         return outputs
 
     forward, prefill, *decodes = asyncio.run(run())
-    assert backend.log == [("decode", [5, 7]), ("prefill", 0, 3), ("job", "forward")]
+    assert backend.log == [("tick", [(0, 3), (5, 1), (7, 1)]), ("job", "forward")]
     assert forward == "forward" and torch.equal(prefill, torch.full((1, 3, 4), 1.0))
     assert [d[0, 0, 0].item() for d in decodes] == [6.0, 8.0]
 
@@ -116,10 +113,11 @@ def test_a_long_prefill_goes_in_chunks_of_the_tick_budget_between_decode_steps()
 
     output = asyncio.run(run())
     assert torch.equal(output, torch.arange(10.0).reshape(1, 10, 1) + 1)
-    chunks = [entry for entry in backend.log if entry[0] == "prefill"]
-    assert chunks == [("prefill", 2, 4), ("prefill", 6, 4), ("prefill", 10, 2)]
-    first_chunk = backend.log.index(chunks[0])
-    assert backend.log[first_chunk - 1][0] == "decode"  # the tick's decode step first, then its prefill chunk
+    chunks = [piece for _, pieces in backend.log for piece in pieces if piece[1] > 1]
+    assert chunks == [(2, 4), (6, 4), (10, 2)]
+    chunk_ticks = [pieces for _, pieces in backend.log if any(piece in chunks for piece in pieces)]
+    assert len(chunk_ticks) == 3  # one chunk a tick
+    assert len(chunk_ticks[0]) == 2  # with the decode step that was waiting too
 
 
 def test_a_job_runs_within_a_bounded_number_of_ticks_while_decode_steps_keep_arriving():
@@ -144,6 +142,47 @@ def test_a_job_runs_within_a_bounded_number_of_ticks_while_decode_steps_keep_arr
     asyncio.run(run())
     ticks_before_job = backend.log.index(("job", "forward"))
     assert 1 <= ticks_before_job <= MAX_JOB_WAIT_TICKS + 1, backend.log
+
+
+class SlowBackend(RecordingBackend):
+    """A decode tick takes TICK_S whatever its batch, as a memory-bound one roughly does."""
+
+    def inference_steps(self, steps: list[DecodeStep]) -> list[torch.Tensor]:
+        time.sleep(TICK_S)
+        return super().inference_steps(steps)
+
+
+TICK_S = 0.1
+
+
+def test_ticks_wait_for_sessions_due_within_a_tick_and_a_lone_session_never_waits():
+    """Two sessions in a steady rhythm, one of which spends 30 ms between a reply and its next step (its client's
+    own work): ticks wait for it and compute both together, where starting a tick at each arrival would alternate
+    ticks of one and two. Once the other session closes, the remaining one is not kept waiting."""
+    backend = SlowBackend()
+
+    async def decoding(scheduler: Scheduler, position: int, steps: int, think_s: float) -> list[float]:
+        seconds = []
+        with scheduler.session() as rhythm:
+            for _ in range(steps):
+                began = time.monotonic()
+                position = int((await scheduler.submit_step(backend, step(position), rhythm))[0, 0, 0].item())
+                seconds.append(time.monotonic() - began)
+                await asyncio.sleep(think_s)
+        return seconds
+
+    async def run() -> tuple[list[tuple], list[float]]:
+        scheduler = Scheduler(ServingLimits())
+        await asyncio.gather(decoding(scheduler, 0, 20, 0.0), decoding(scheduler, 1000, 20, 0.03))
+        paired_ticks = backend.log[:]
+        alone = await decoding(scheduler, 2000, 5, 0.0)
+        scheduler.stop()
+        return paired_ticks, alone
+
+    paired_ticks, alone = asyncio.run(run())
+    batched = "".join(str(len(pieces)) for _, pieces in paired_ticks)
+    assert "2" * 10 in batched, paired_ticks  # once the rhythm is learnt (a few steps), every tick has both
+    assert statistics.median(alone) < 1.7 * TICK_S, alone  # waiting for the closed session would take 2 ticks
 
 
 def test_the_queue_is_bounded_per_caller_and_in_total():

@@ -81,7 +81,7 @@ def _attention(block: TransformerBlock, normed: torch.Tensor, sessions: list[Ses
 
 def _project(linear: nn.Module, rows: torch.Tensor, sessions: list[SessionRows], name: str) -> torch.Tensor:
     """`linear` over all rows in one matmul, plus each session's LoRA delta on its own rows."""
-    out = linear(rows)
+    out = _linear(linear, rows)
     offset = 0
     for s in sessions:
         end = offset + s.num_tokens
@@ -92,6 +92,21 @@ def _project(linear: nn.Module, rows: torch.Tensor, sessions: list[SessionRows],
             out[offset:end] = out[offset:end] + s.adapter.lora_scale * delta
         offset = end
     return out
+
+
+def _linear(linear: nn.Module, rows: torch.Tensor) -> torch.Tensor:
+    """`linear(rows)`; for 2 to 4 rows of a plain fp32 layer on the CPU, as weight @ rows^T: MKL's kernel for a few
+    rows reads the weight once, where `F.linear` takes about twice the time of one row (measured: 6 medium blocks,
+    2 rows 41 -> 19 ms, 4 rows 38 -> 25 ms; one row and 8 or more gain nothing)."""
+    if (
+        2 <= rows.shape[0] <= 4
+        and rows.device.type == "cpu"
+        and type(linear) is nn.Linear
+        and linear.bias is None
+        and linear.weight.dtype == torch.float32
+    ):
+        return torch.mm(linear.weight, rows.t()).t().contiguous()
+    return linear(rows)
 
 
 def _split(rows: torch.Tensor, sessions: list[SessionRows]) -> tuple[torch.Tensor, ...]:

@@ -22,6 +22,7 @@ from blockswarm.peer.backend import BlockBackend, DecodeStep
 from blockswarm.peer.cache import CacheFullError, CachePool
 from blockswarm.peer.limits import RequestError, ServingLimits
 from blockswarm.peer.request_checks import check_codec, check_span, decode_hidden, receive_request_adapter
+from blockswarm.peer.scheduled_work import DecodingSession
 from blockswarm.peer.scheduler import Scheduler
 from blockswarm.wire.adapters import ADAPTER_CODEC
 from blockswarm.wire.messages import (
@@ -129,11 +130,14 @@ class RequestHandlers:
             num_blocks = session.end - session.start
             with self._adapter_room(opening, 0):
                 adapter = receive_request_adapter(opening, 0, self.backend, session.batch_size)
-                with self.cache.allocate(num_blocks, session.batch_size, session.max_length) as caches:
+                with (
+                    self.cache.allocate(num_blocks, session.batch_size, session.max_length) as caches,
+                    self.scheduler.session() as rhythm,
+                ):
                     length = 0
                     while (frame := await self._next_step(requests, hold)) is not None:
                         with self.scheduler.admit(context.remote_id):
-                            output = await self._step(session, frame, length, caches, adapter)
+                            output = await self._step(session, frame, length, caches, adapter, rhythm)
                         length = frame.meta.position + output.shape[1]
                         reply = Frame(StepReply(position=frame.meta.position), encode([output], session.codec))
                         for message in reply.messages(REPLY):
@@ -148,6 +152,7 @@ class RequestHandlers:
         length: int,
         caches: list[KVCache],
         adapter: ReceivedAdapter | None,
+        rhythm: DecodingSession,
     ) -> torch.Tensor:
         """One step of a session that holds `length` tokens: checked, decoded, computed."""
         step = frame.meta
@@ -168,7 +173,7 @@ class RequestHandlers:
                 f"max_length of {session.max_length}"
             )
         return await self.scheduler.submit_step(
-            self.backend, DecodeStep(session.start, caches, hidden, step.position, adapter)
+            self.backend, DecodeStep(session.start, caches, hidden, step.position, adapter), rhythm
         )
 
     @_refusing
