@@ -90,11 +90,13 @@ def test_sigkill_of_the_serving_peer_leaves_output_unchanged(swarm, tiny_model, 
     assert torch.equal(output, expected), f"output changed after a SIGKILL at step {at_step}"
 
 
-def test_sigstop_is_detected_by_the_step_timeout(swarm, tiny_model, prompt, expected):
-    with client(swarm, tiny_model, step_timeout=2) as model:
+def test_a_stopped_peer_is_replaced_in_about_a_second(swarm, tiny_model, prompt, expected):
+    """SIGSTOP: the peer's connections stay open but nothing answers. The overdue step's `info` probe goes
+    unanswered, and the session moves on long before the 30 s step timeout (pipeline/liveness.py)."""
+    with client(swarm, tiny_model, step_timeout=30) as model:
         output, durations = generate_with_failures(model, prompt, {10: send_signal_to_span(swarm, 0, signal.SIGSTOP)})
     assert torch.equal(output, expected)
-    assert 2 <= durations[10] < 10, "the hung peer should cost about one step timeout"
+    assert durations[10] < 3, f"the stopped peer held the step for {durations[10]:.1f} s"
 
 
 def test_two_peers_killed_in_one_session(swarm, tiny_model, prompt, expected):
@@ -118,9 +120,11 @@ def test_replacement_dies_too(swarm, tiny_model, prompt, expected):
     extra.stop()
 
 
-def test_forward_backward_with_a_peer_killed_in_between(swarm, tiny_model, reference):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stopped"])
+def test_forward_backward_with_a_peer_failing_in_between(swarm, tiny_model, reference, sig):
+    """Killed, or stopped (caught by the overdue call's `info` probe in about a second, not the 30 s timeout)."""
     input_ids = torch.randint(3, 4000, (1, 9), generator=torch.Generator().manual_seed(3))
-    with client(swarm, tiny_model, step_timeout=10) as model:
+    with client(swarm, tiny_model, step_timeout=30) as model:
         forward, used = model.remote.chain.forward, []
 
         async def recording_forward(*args):
@@ -132,13 +136,16 @@ def test_forward_backward_with_a_peer_killed_in_between(swarm, tiny_model, refer
         embeds = model.ends.embed(input_ids).detach().requires_grad_(True)
         logits = model.ends.logits(model.remote.forward(embeds))
         loss = torch.nn.functional.cross_entropy(logits[0, :-1], input_ids[0, 1:])
-        process_of(swarm, used[-1].peer_id).signal(signal.SIGKILL)  # backward starts with the last hop
+        process_of(swarm, used[-1].peer_id).signal(sig)  # backward starts with the last hop
+        began = time.monotonic()
         loss.backward()
+        elapsed = time.monotonic() - began
 
     ref_embeds = reference.get_input_embeddings()(input_ids).detach().requires_grad_(True)
     ref_loss = torch.nn.functional.cross_entropy(reference(inputs_embeds=ref_embeds).logits[0, :-1], input_ids[0, 1:])
     ref_loss.backward()
     assert (embeds.grad - ref_embeds.grad).abs().max() <= 1e-4
+    assert elapsed < 5, f"the failed peer held the backward pass for {elapsed:.1f} s"
 
 
 def test_sigterm_moves_the_session_on_without_a_timeout_stall(swarm, tiny_model, prompt, expected):

@@ -22,6 +22,7 @@ from hivemind.p2p import P2P
 
 from blockswarm.compression.codecs import decode_tensor, encode_tensor
 from blockswarm.pipeline.hops import Hop, PeerError, Router
+from blockswarm.pipeline.liveness import Liveness
 from blockswarm.pipeline.retry import RetryPolicy, retry
 from blockswarm.pipeline.streams import call
 from blockswarm.pipeline.verification import Verifier
@@ -159,7 +160,8 @@ class Chain:
         )
         payloads = encode(activations, codec) + adapter_payloads(adapter, hop.start, hop.end)
         try:
-            return await call(self.p2p, hop.peer_id, rpc, request, payloads, self.timeout)
+            reply = call(self.p2p, hop.peer_id, rpc, request, payloads, self.timeout)
+            return await Liveness(self.p2p, hop.peer_id).wait(reply, decode=False)  # a hung peer fails in ~1 s
         except PeerError as error:
             self.router.ban(error.peer_id, error.retry_after)
             raise

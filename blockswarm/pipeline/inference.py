@@ -19,6 +19,7 @@ from hivemind.p2p import P2P
 
 from blockswarm.compression.codecs import decode_tensor, encode_tensor, get_codec
 from blockswarm.pipeline.hops import Hop, PeerError, Router
+from blockswarm.pipeline.liveness import Liveness
 from blockswarm.pipeline.retry import RetryPolicy, retry
 from blockswarm.pipeline.streams import PeerStream
 from blockswarm.pipeline.verification import LieDetected, Verifier
@@ -31,11 +32,12 @@ REPLAY_CHUNK_TOKENS = 1024  # replayed history goes out in steps of at most this
 class SpanSession:
     """Blocks [hop.start, hop.end) of a session, computed by hop.peer_id."""
 
-    def __init__(self, hop: Hop, stream: PeerStream, session_id: str, codec: str):
+    def __init__(self, hop: Hop, stream: PeerStream, session_id: str, codec: str, liveness: Liveness):
         self.hop = hop
         self.stream = stream
         self.session_id = session_id
         self.codec = get_codec(codec)
+        self.liveness = liveness
 
     @classmethod
     async def open(
@@ -61,12 +63,13 @@ class SpanSession:
             adapter=None if adapter is None else adapter.spec,
         )
         stream.send(opening, adapter_payloads(adapter, hop.start, hop.end))
-        return cls(hop, stream, session_id, codec)
+        return cls(hop, stream, session_id, codec, Liveness(p2p, hop.peer_id))
 
-    async def step(self, payload: bytes, position: int, timeout: float) -> torch.Tensor:
-        """Send one encoded tensor of hidden states at `position`; returns this span's outputs."""
+    async def step(self, payload: bytes, position: int, timeout: float, decode: bool) -> torch.Tensor:
+        """Send one encoded tensor of hidden states at `position` (`decode`: one token per row); returns this span's
+        outputs. A hung peer fails the step in about a second (pipeline/liveness.py), a slow one does not."""
         self.stream.send(InferenceStep(session_id=self.session_id, position=position), [payload])
-        _, (output,) = await self.stream.receive(StepReply, timeout)
+        _, (output,) = await self.liveness.wait(self.stream.receive(StepReply, timeout), decode)
         return output
 
     async def close(self) -> None:
@@ -142,7 +145,7 @@ class InferenceSession:
             inputs = self.history[span.hop.start][:, : self.position + seq_len]
             check = self.verifier.begin(span.hop, inputs, self.adapter, tail=seq_len)
         try:
-            output = await span.step(payload, self.position, self.step_timeout)
+            output = await span.step(payload, self.position, self.step_timeout, decode=seq_len == 1)
         except BaseException:
             if check is not None:
                 check.cancel()
@@ -212,5 +215,5 @@ class InferenceSession:
             outputs = []
             for begin in range(0, self.position, chunk):
                 payload = encode_tensor(inputs[:, begin : begin + chunk], "none")
-                outputs.append(await span.step(payload, begin, self.step_timeout))
+                outputs.append(await span.step(payload, begin, self.step_timeout, decode=False))
             inputs = torch.cat(outputs, dim=1)
