@@ -1,4 +1,5 @@
-"""Start a swarm of local processes (a bootstrap node and peers) for the demo, tests and benchmarks."""
+"""Start a swarm of local processes (a bootstrap node and peers) for the demo, tests and benchmarks; on loopback, or
+each process on a host of its own in an emulated WAN (emulated_wan.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from blockswarm.emulated_wan import EmulatedWan
 
 READY_DHT = re.compile(r"blockswarm dht ready: maddrs=(\S+)")
 READY_MONITOR = re.compile(r"blockswarm monitor ready: url=(\S+)")
@@ -48,13 +51,22 @@ class LocalProcess:
 
 
 class LocalSwarm:
-    """Owns its processes: `with LocalSwarm(...) as swarm:` stops every one of them on exit."""
+    """Owns its processes: `with LocalSwarm(...) as swarm:` stops every one of them on exit. With `wan`, each process
+    runs on a new host of that emulated WAN, named after the process; without, all listen on `host`."""
 
-    def __init__(self, model: str | Path, work_dir: str | Path, host: str = "127.0.0.1", ready_timeout: float = 120):
+    def __init__(
+        self,
+        model: str | Path,
+        work_dir: str | Path,
+        host: str = "127.0.0.1",
+        ready_timeout: float = 120,
+        wan: EmulatedWan | None = None,
+    ):
         self.model = str(model)
         self.work_dir = Path(work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.host = host
+        self.wan = wan
         self.ready_timeout = ready_timeout
         self.processes: list[LocalProcess] = []
         self.bootstrap: LocalProcess | None = None
@@ -66,23 +78,24 @@ class LocalSwarm:
         return self.bootstrap.maddrs
 
     def start_bootstrap(self) -> LocalProcess:
-        process = self._spawn("dht", ["run-dht", "--host", self.host])
+        process = self._spawn("dht", ["run-dht", "--host", self._address("dht")])
         (maddrs,) = self._wait_ready(process, READY_DHT).groups()
         process.maddrs = maddrs.split(",")
         self.bootstrap = process
         return process
 
     def start_peer(
-        self, *args: str, name: str | None = None, wait: bool = True, test_noise: float = 0.0
+        self, *args: str, name: str | None = None, wait: bool = True, test_noise: float = 0.0, nat: bool = False
     ) -> LocalProcess:
         """`args` are extra `run-server` options, e.g. ("--blocks", "0:4"). `test_noise` > 0 starts a peer that lies:
-        it adds that much noise (times its outputs' std) to every output, for tests of the clients' spot checks."""
+        it adds that much noise (times its outputs' std) to every output, for tests of the clients' spot checks.
+        `nat`: on the emulated WAN, the peer's host accepts no inbound connection."""
         name = name or f"peer{sum(p.name.startswith('peer') for p in self.processes)}"
         command = [
             "run-server",
             self.model,
             "--host",
-            self.host,
+            self._address(name, nat),
             "--initial-peers",
             *self.initial_peers,
             *args,
@@ -94,7 +107,15 @@ class LocalSwarm:
 
     def start_monitor(self, port: int = 0, period: float = 5.0) -> str:
         """Start `blockswarm monitor` on this host; returns the URL of its page."""
-        command = ["monitor", "--initial-peers", *self.initial_peers, "--host", self.host, "--port", str(port)]
+        command = [
+            "monitor",
+            "--initial-peers",
+            *self.initial_peers,
+            "--host",
+            self._address("monitor"),
+            "--port",
+            str(port),
+        ]
         process = self._spawn("monitor", [*command, "--period", str(period)])
         return self._wait_ready(process, READY_MONITOR).group(1)
 
@@ -115,14 +136,25 @@ class LocalSwarm:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def _address(self, name: str, nat: bool = False) -> str:
+        """Where process `name` listens: a new host of the WAN, or the swarm's one host."""
+        if self.wan is None:
+            if nat:
+                raise ValueError("a NATed peer needs an emulated WAN: LocalSwarm(..., wan=EmulatedWan())")
+            return self.host
+        return self.wan.add_host(name, nat=nat).ip
+
     def _spawn(self, name: str, args: list[str], extra_env: dict[str, str] | None = None) -> LocalProcess:
         log_path = self.work_dir / f"{name}.log"
         log = open(log_path, "w")  # noqa: SIM115 - handed to the child process
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
         # each process leads a group of its own: signals for the caller's group (Ctrl-C in a terminal) reach only
         # the caller, which stops its swarm in order, and a test can signal one process's whole group
+        argv = [sys.executable, "-m", "blockswarm", *args]
+        if self.wan is not None:
+            argv = self.wan.command(self.wan.hosts[name], argv)
         popen = subprocess.Popen(
-            [sys.executable, "-m", "blockswarm", *args],
+            argv,
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,

@@ -1,0 +1,70 @@
+"""The swarm across an emulated WAN (blockswarm/emulated_wan.py): the bootstrap node, every peer and the client each
+on a host of its own, 20 ms one way between any two hosts."""
+
+from __future__ import annotations
+
+import json
+import signal
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from blockswarm.emulated_wan import EmulatedWan
+from blockswarm.local_swarm import LocalSwarm
+
+DELAY_S = 0.020
+SPANS = ("0:3", "3:6", "6:8", "0:3")  # a route of three hops, and a spare peer for the first one
+NEW_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def wan_swarm(tiny_model, tmp_path_factory):
+    with (
+        EmulatedWan(delay_ms=DELAY_S * 1e3) as wan,
+        LocalSwarm(tiny_model, tmp_path_factory.mktemp("wan"), wan=wan) as swarm,
+    ):
+        swarm.start_bootstrap()
+        for process in [swarm.start_peer("--blocks", span, wait=False) for span in SPANS]:
+            swarm.wait_peer(process)
+        yield swarm, wan, wan.add_host("client")
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_model) -> list[int]:
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    prompt = torch.randint(3, 4000, (1, 8), generator=torch.Generator().manual_seed(0))  # as tests/wan_client.py
+    output = reference.generate(prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    return output[0, prompt.shape[1] :].tolist()
+
+
+def run_client(wan_swarm, tiny_model, *options: str) -> dict:
+    swarm, wan, client_host = wan_swarm
+    peers = [f"{p.peer_id}={p.popen.pid}" for p in swarm.processes if p.peer_id]
+    argv = [sys.executable, str(Path(__file__).with_name("wan_client.py")), tiny_model, "--new-tokens", str(NEW_TOKENS)]
+    argv += ["--initial-peers", *swarm.initial_peers, "--pids", *peers, *options]
+    result = subprocess.run(wan.command(client_host, argv), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_generation_across_the_wan_is_token_exact(wan_swarm, tiny_model, expected):
+    result = run_client(wan_swarm, tiny_model)
+    assert result["tokens"] == expected
+    # relayed through the client, a step of a 3-hop route crosses the WAN 6 times
+    assert statistics.median(result["step_seconds"][1:]) >= 6 * DELAY_S
+
+
+def test_a_stopped_peer_across_the_wan_is_replaced_in_about_a_second(wan_swarm, tiny_model, expected):
+    swarm = wan_swarm[0]
+    try:
+        result = run_client(wan_swarm, tiny_model, "--stop-at", "6")
+    finally:
+        for process in swarm.processes:
+            process.signal(signal.SIGCONT)
+    assert result["tokens"] == expected
+    assert result["step_seconds"][6] < 3.0, result["step_seconds"]
