@@ -41,7 +41,6 @@ class WanHost:
     name: str
     namespace: str
     ip: str
-    bandwidth_mbit: float | None
     nat: bool
 
 
@@ -69,13 +68,8 @@ class EmulatedWan:
         if name in self.hosts:
             raise ValueError(f"host {name!r} exists already")
         index = len(self.hosts) + 1
-        host = WanHost(
-            name,
-            f"{self._tag}-{name}",
-            str(SUBNET.network_address + index),
-            self.default_bandwidth_mbit if bandwidth_mbit is None else bandwidth_mbit,
-            nat,
-        )
+        host = WanHost(name, f"{self._tag}-{name}", str(SUBNET.network_address + index), nat)
+        bandwidth_mbit = self.default_bandwidth_mbit if bandwidth_mbit is None else bandwidth_mbit
         device = f"{self._tag}t{index}"
         tun = os.open("/dev/net/tun", os.O_RDWR)
         try:
@@ -86,15 +80,22 @@ class EmulatedWan:
             _ip("-n", host.namespace, "link", "set", "lo", "up")
             _ip("-n", host.namespace, "link", "set", device, "mtu", str(MTU), "up")
             _ip("-n", host.namespace, "addr", "add", f"{host.ip}/{SUBNET.prefixlen}", "dev", device)
-            rate = None if host.bandwidth_mbit is None else host.bandwidth_mbit * 1e6
+            rate = None if bandwidth_mbit is None else bandwidth_mbit * 1e6
             self._send({"op": "host", "ip": host.ip, "bits_per_s": rate, "nat": nat}, fd=tun)
         finally:
             os.close(tun)  # the router holds its own copy
         return host
 
-    def set_delay(self, a: str, b: str, delay_ms: float) -> None:
-        """One-way delay between hosts `a` and `b`, both ways."""
-        self._send({"op": "delay", "a": self.hosts[a].ip, "b": self.hosts[b].ip, "seconds": delay_ms / 1e3})
+    def set_delay(self, delay_ms: float, a: str | None = None, b: str | None = None) -> None:
+        """One-way delay between hosts `a` and `b`, both ways; without them, between all pairs not set apart."""
+        ips = (None, None) if a is None else (self.hosts[a].ip, self.hosts[b].ip)
+        self._send({"op": "delay", "a": ips[0], "b": ips[1], "seconds": delay_ms / 1e3})
+
+    def set_bandwidth(self, bandwidth_mbit: float | None, name: str | None = None) -> None:
+        """Uplink and downlink rate of host `name`, or of every host (None: unlimited)."""
+        for host in [self.hosts[name]] if name is not None else list(self.hosts.values()):
+            rate = None if bandwidth_mbit is None else bandwidth_mbit * 1e6
+            self._send({"op": "rate", "ip": host.ip, "bits_per_s": rate})
 
     def command(self, host: WanHost, argv: list[str]) -> list[str]:
         """`argv` run on `host`."""
@@ -190,6 +191,8 @@ class _Router:
             link = _Link(fd, message["bits_per_s"], message["nat"], contacted=set() if message["nat"] else None)
             self.links[address] = link
             self.selector.register(fd, selectors.EVENT_READ, link)
+        elif message["op"] == "rate":
+            self.links[socket.inet_aton(message["ip"])].bits_per_s = message["bits_per_s"]
         elif message["a"] is None:
             self.default_delay = message["seconds"]
         else:
