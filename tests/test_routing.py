@@ -185,3 +185,19 @@ def test_a_busy_peer_is_avoided_briefly_and_a_failed_one_for_longer():
         assert not swarm_view.is_usable(peer(1))
     finally:
         swarm_view.close()
+
+
+def test_push_routes_prefer_peers_close_to_each_other():
+    """Equal client RTTs everywhere, but peer 0 published a short next_pings to peer 3: pushed from 0 to 3, a step
+    crosses a short link instead of going through the client; relayed, both chains cost the same."""
+    far = 0.05
+    fields = {n: {"next_pings": {peer(3).to_base58(): 0.002, peer(2).to_base58(): 0.2}} for n in (0, 1)}
+    blocks = view({0: (0, 4), 1: (0, 4), 2: (4, 8), 3: (4, 8)}, 8, fields=fields)
+    rtts = {peer(n): far for n in range(4)}
+    for seed in range(10):
+        route = min_latency_route(blocks, 0, 8, "m", rtts, rng=random.Random(seed))
+        assert route[1].peer_id == peer(3)
+    relayed = {
+        min_latency_route(blocks, 0, 8, "m", rtts, rng=random.Random(seed), push=False)[1].peer_id for seed in range(20)
+    }
+    assert relayed == {peer(2), peer(3)}  # next_pings ignored: a tie, broken at random

@@ -20,6 +20,7 @@ from blockswarm.local_swarm import LocalSwarm
 DELAY_S = 0.020
 SPANS = ("0:3", "3:6", "6:8", "0:3")  # a route of three hops, and a spare peer for the first one
 NEW_TOKENS = 16
+COMPUTE_ALLOWANCE_S = 0.020  # three tiny spans' compute and the client's work per step on 2 busy cores
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +54,21 @@ def run_client(wan_swarm, tiny_model, *options: str) -> dict:
 
 
 def test_generation_across_the_wan_is_token_exact(wan_swarm, tiny_model, expected):
-    result = run_client(wan_swarm, tiny_model)
+    result = run_client(wan_swarm, tiny_model, "--no-push")
     assert result["tokens"] == expected
     # relayed through the client, a step of a 3-hop route crosses the WAN 6 times
     assert statistics.median(result["step_seconds"][1:]) >= 6 * DELAY_S
+
+
+def test_push_saves_trips_across_the_wan(wan_swarm, tiny_model, expected):
+    pushed, relayed = run_client(wan_swarm, tiny_model), run_client(wan_swarm, tiny_model, "--no-push")
+    assert pushed["tokens"] == expected
+    # pushed from peer to peer: client -> p1 -> p2 -> p3 -> client is 4 trips, where relaying takes 6
+    push_median = statistics.median(pushed["step_seconds"][1:])
+    relay_median = statistics.median(relayed["step_seconds"][1:])
+    print(f"median decode step: push {push_median * 1e3:.1f} ms, relay {relay_median * 1e3:.1f} ms")
+    assert push_median < relay_median - 1.5 * DELAY_S, (pushed["step_seconds"], relayed["step_seconds"])
+    assert push_median < 4.5 * DELAY_S + COMPUTE_ALLOWANCE_S, pushed["step_seconds"]
 
 
 def test_a_stopped_peer_across_the_wan_is_replaced_in_about_a_second(wan_swarm, tiny_model, expected):

@@ -1,5 +1,6 @@
-"""A client run on a host of the emulated WAN by tests/test_wan.py: greedy generation through the swarm, optionally
-stopping (SIGSTOP) the peer of the first span before one step; prints one JSON line: tokens and step durations."""
+"""A client run on a host of the emulated WAN by tests/test_wan.py: greedy generation through the swarm, with
+peer-to-peer push or (--no-push) relaying, optionally stopping (SIGSTOP) the peer of the first span before one step;
+prints one JSON line: tokens and step durations."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--stop-at", type=int, default=None, help="SIGSTOP the first span's peer before this step")
     parser.add_argument("--pids", nargs="*", default=[], help="PEER_ID=PID of the swarm's peers")
+    parser.add_argument("--no-push", action="store_true", help="relay every step through the client")
     args = parser.parse_args()
     pids = dict(entry.split("=") for entry in args.pids)
     prompt = torch.randint(3, 4000, (1, 8), generator=torch.Generator().manual_seed(args.seed))
@@ -30,7 +32,9 @@ def main() -> None:
         os.kill(int(pids[str(session.spans[0].hop.peer_id)]), signal.SIGSTOP)
 
     interruptions = {} if args.stop_at is None else {args.stop_at: stop_first_span}
-    with DistributedModelForCausalLM.from_pretrained(args.model, args.initial_peers, codec="none") as model:
+    with DistributedModelForCausalLM.from_pretrained(
+        args.model, args.initial_peers, codec="none", push=not args.no_push
+    ) as model:
         model.generate(prompt, max_new_tokens=2)  # warm-up: routes, RTTs, connections
         output, durations = generate_with_interruptions(model, prompt, args.new_tokens, interruptions)
     print(json.dumps({"tokens": output[0, prompt.shape[1] :].tolist(), "step_seconds": durations}), flush=True)

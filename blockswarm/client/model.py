@@ -93,6 +93,7 @@ class DistributedModelForCausalLM(nn.Module):
         swarm_training: bool = False,
         train_key: str | None = None,
         verify_fraction: float = 0.05,
+        push: bool = True,
     ) -> DistributedModelForCausalLM:
         """Load the embeddings and head from `name_or_path` and join the swarm through `initial_peers`.
 
@@ -111,6 +112,8 @@ class DistributedModelForCausalLM(nn.Module):
         that know it. `verify_fraction` (0..1) of the steps and forward spans are also computed by a second peer
         serving the same blocks and compared; a peer caught lying is never used again and is listed in
         `model.lie_reports` (see "Spot-checking peers" in the README). SWARM trainers do not spot-check.
+        `push=False` relays every inference step's hidden states through the client instead of having each peer
+        push them to the next (fewer trips across the network per step; see docs/architecture.md).
         """
         config = load_config(name_or_path)
         model_name = model_name or swarm_model_name(name_or_path, weights_fingerprint(name_or_path))
@@ -128,6 +131,7 @@ class DistributedModelForCausalLM(nn.Module):
             swarm_training=swarm_training,
             train_key=train_key,
             verify_fraction=verify_fraction,
+            push=push,
         )
         # anyone may add claims to the index: only a swarm that announces no claim matching ours is refused
         claims = get_models(remote.dht, latest=True).get(model_name, [])

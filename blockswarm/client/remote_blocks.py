@@ -41,6 +41,7 @@ class RemoteBlocks:
         swarm_training: bool = False,
         train_key: str | None = None,
         verify_fraction: float = 0.05,
+        push: bool = True,
     ):
         check_fraction(verify_fraction)
         if swarm_training and not train_key:
@@ -65,7 +66,8 @@ class RemoteBlocks:
             blocked_peers=[PeerID.from_base58(p) for p in blocked_peers],
             training=swarm_training,
         )
-        self.router = SwarmRouter(self.view)
+        self.push = push
+        self.router = SwarmRouter(self.view, push=push)
         # training peers' weights move between a step and its check, so a SWARM trainer does not spot-check
         self.lie_reporter = LieReporter(self.node, model_name)
         self.verifier = Verifier(
@@ -167,6 +169,7 @@ class RemoteBlocks:
             on_route=self._print_route if self.show_route else None,
             adapter=adapter,
             verifier=self.verifier,
+            push=self.push,
         )
         self.loop.run(session.open())
         return session

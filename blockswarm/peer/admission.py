@@ -7,9 +7,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 
-from blockswarm.peer.limits import CallerCounts, PeerBusy, ServingLimits
+from blockswarm.peer.limits import CallerCounts, PeerBusy, RequestError, ServingLimits
 from blockswarm.peer.scheduler import Scheduler
+from blockswarm.wire.messages import ChainRequest, OpenSession
+from blockswarm.wire.payload_headers import payload_headers
+from blockswarm.wire.transport import Frame
 
 
 class PeerLeaving(RuntimeError):
@@ -44,6 +48,18 @@ class Admission:
             raise PeerBusy(f"this peer serves its limit of {limits.max_streams} streams", limits.busy_retry_after)
         with self._streams.holding(remote):
             yield
+
+    def adapter_room(self, frame: Frame[OpenSession | ChainRequest], begin: int) -> AbstractContextManager:
+        """Check the size of the adapter in the payloads from `begin` on, from its tensors' headers (before any is
+        decoded), then hold its decoded bytes against the peer's budget while the request or session runs."""
+        request, count = frame.meta, len(frame.payloads) - begin
+        if request.adapter is None:
+            if count:
+                raise RequestError(f"{count} unexpected tensor(s) after the activations, and no adapter")
+            return contextlib.nullcontext()
+        decoded = 4 * sum(header.numel for header in payload_headers(frame, begin))  # decoded to float32
+        self.limits.check_adapter_bytes(frame.nbytes(begin), decoded)
+        return self.holding_adapter(decoded)
 
     @contextlib.contextmanager
     def holding_adapter(self, nbytes: int) -> Iterator[None]:

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import functools
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractContextManager
 
 import torch
 from hivemind.p2p import P2P, P2PContext
@@ -21,23 +20,32 @@ from blockswarm.peer.admission import Admission, PeerLeaving
 from blockswarm.peer.backend import BlockBackend, DecodeStep
 from blockswarm.peer.cache import CacheFullError, CachePool
 from blockswarm.peer.limits import RequestError, ServingLimits
-from blockswarm.peer.request_checks import check_codec, check_span, decode_hidden, receive_request_adapter
+from blockswarm.peer.push import Pusher, PushInbox, digest
+from blockswarm.peer.request_checks import (
+    check_codec,
+    check_session,
+    check_span,
+    decode_hidden,
+    receive_request_adapter,
+)
 from blockswarm.peer.scheduled_work import DecodingSession
 from blockswarm.peer.scheduler import Scheduler
+from blockswarm.peer.session_steps import SessionSteps
 from blockswarm.wire.adapters import ADAPTER_CODEC
 from blockswarm.wire.messages import (
     BACKWARD_RPC,
     FORWARD_RPC,
     INFERENCE_RPC,
     INFO_RPC,
+    PUSH_RPC,
     ChainRequest,
     InferenceStep,
     OpenSession,
     PeerStatus,
+    PushStep,
     StepReply,
 )
-from blockswarm.wire.payload_headers import payload_headers
-from blockswarm.wire.serving import add_stream_handler
+from blockswarm.wire.serving import add_stream_handler, drain
 from blockswarm.wire.trainer_auth import is_valid_train_proof
 from blockswarm.wire.transport import REPLY, REQUEST, Frame, M, WireError, encode, error_message, read_frame
 
@@ -60,7 +68,7 @@ def _refusing(handler: Callable[..., AsyncIterator]) -> Callable[..., AsyncItera
                     yield message
         except REFUSALS as e:
             yield error_message(str(e))
-            await self._drain(requests)
+            await drain(requests, self.limits.drain_timeout)
 
     return refusing
 
@@ -87,11 +95,15 @@ class RequestHandlers:
         self._max_bytes = limits.max_request_bytes(backend.config.hidden_size)
         self.scheduler = scheduler if scheduler is not None else Scheduler(limits)
         self.admission = Admission(limits, self.scheduler)
+        self.pushes = PushInbox()
+        self._p2p: P2P | None = None  # set by `register`; pushes go out through it
 
     async def register(self, p2p: P2P) -> None:
+        self._p2p = p2p
         await p2p.add_protobuf_handler(INFO_RPC, self.rpc_info, REQUEST)
         for name, handler in (
             (INFERENCE_RPC, self.rpc_inference),
+            (PUSH_RPC, self.rpc_push),
             (FORWARD_RPC, self.rpc_forward),
             (BACKWARD_RPC, self.rpc_backward),
         ):
@@ -119,36 +131,71 @@ class RequestHandlers:
                 return
             session = opening.meta
             self.admission.check_not_leaving()
-            check_span(self.backend, session.start, session.end)
-            check_codec(session.codec)
-            if session.batch_size < 1 or session.max_length < 1:
-                raise RequestError("batch_size and max_length must be positive")
-            if session.max_length > self.limits.max_session_length:
-                raise RequestError(
-                    f"max_length {session.max_length} exceeds this peer's limit of {self.limits.max_session_length}"
-                )
-            num_blocks = session.end - session.start
-            with self._adapter_room(opening, 0):
+            check_session(self.backend, self.limits, session)
+            with self.admission.adapter_room(opening, 0):
                 adapter = receive_request_adapter(opening, 0, self.backend, session.batch_size)
                 with (
-                    self.cache.allocate(num_blocks, session.batch_size, session.max_length) as caches,
+                    self.cache.allocate(session.end - session.start, session.batch_size, session.max_length) as caches,
                     self.scheduler.session() as rhythm,
+                    self.pushes.accepting(session) as pushed,
                 ):
-                    length = 0
-                    while (frame := await self._next_step(requests, hold)) is not None:
-                        with self.scheduler.admit(context.remote_id):
-                            output = await self._step(session, frame, length, caches, adapter, rhythm)
-                        length = frame.meta.position + output.shape[1]
-                        reply = Frame(StepReply(position=frame.meta.position), encode([output], session.codec))
-                        for message in reply.messages(REPLY):
+                    read = functools.partial(read_frame, requests, InferenceStep, self._max_bytes, announced=hold)
+                    steps = SessionSteps(read, pushed, self.admission.leaving, self.limits.session_timeout)
+                    pusher = None if session.push_to is None else Pusher(self._p2p, session)
+                    try:
+                        serving = self._serve_steps(session, steps, pusher, context, caches, adapter, rhythm)
+                        async for message in serving:
                             yield message
+                    finally:
+                        steps.close()
+                        if pusher is not None:
+                            await pusher.close()
         except TimeoutError:
             yield error_message(f"inference session closed after {self.limits.session_timeout:.0f} s idle")
+
+    async def _serve_steps(
+        self,
+        session: OpenSession,
+        steps: SessionSteps,
+        pusher: Pusher | None,
+        context: P2PContext,
+        caches: list[KVCache],
+        adapter: ReceivedAdapter | None,
+        rhythm: DecodingSession,
+    ) -> AsyncIterator:
+        """Compute each step of an open session and reply with its outputs, pushed on first when there is a pusher."""
+        length = 0
+        while (frame := await steps.next()) is not None:
+            input_digest = None
+            if isinstance(frame.meta, PushStep):
+                if frame.meta.position != length:
+                    continue  # the client relayed this step already (its push was reported failed) or it is stale
+                input_digest = digest(frame.payloads[0])
+            with self.scheduler.admit(context.remote_id):
+                output = await self._step(session, frame, length, caches, adapter, rhythm)
+            length = frame.meta.position + output.shape[1]
+            payloads = encode([output], session.codec)
+            pushed = None if pusher is None else pusher.push(frame.meta.position, payloads)
+            reply = StepReply(position=frame.meta.position, pushed=pushed, input_digest=input_digest)
+            for message in Frame(reply, payloads).messages(REPLY):
+                yield message
+        self.admission.check_not_leaving()
+
+    @_refusing
+    async def rpc_push(self, requests: AsyncIterator, context: P2PContext, hold: Hold) -> AsyncIterator:
+        """Steps pushed by the previous span's peer of a session, each acknowledged once queued (peer/push.py)."""
+        reading = read_frame(requests, PushStep, self._max_bytes, announced=hold)
+        with contextlib.suppress(TimeoutError):  # a pusher silent for a whole session timeout: its session is over
+            while (frame := await asyncio.wait_for(reading, self.limits.session_timeout)) is not None:
+                await self.pushes.deliver(frame, context.remote_id)
+                for message in Frame(None, []).messages(REPLY):
+                    yield message
+                reading = read_frame(requests, PushStep, self._max_bytes, announced=hold)
 
     async def _step(
         self,
         session: OpenSession,
-        frame: Frame[InferenceStep],
+        frame: Frame[InferenceStep | PushStep],
         length: int,
         caches: list[KVCache],
         adapter: ReceivedAdapter | None,
@@ -180,7 +227,7 @@ class RequestHandlers:
     async def rpc_forward(self, requests: AsyncIterator, context: P2PContext, hold: Hold) -> AsyncIterator:
         frame = await self._receive_chain_request(requests, hold, num_activations=1)
         request = frame.meta
-        with self.scheduler.admit(context.remote_id), self._adapter_room(frame, 1):
+        with self.scheduler.admit(context.remote_id), self.admission.adapter_room(frame, 1):
             hidden = decode_hidden(frame, self.backend, self.limits, 0, 1)
             adapter = receive_request_adapter(frame, 1, self.backend, hidden.shape[0])
             output = await self.scheduler.submit_job(self.backend.forward, request.start, request.end, hidden, adapter)
@@ -205,7 +252,7 @@ class RequestHandlers:
                 f"a training peer learns from passes over its whole stage [{self.backend.start}, "
                 f"{self.backend.end}), got [{request.start}, {request.end})"
             )
-        with self.scheduler.admit(context.remote_id), self._adapter_room(frame, 2):
+        with self.scheduler.admit(context.remote_id), self.admission.adapter_room(frame, 2):
             hidden = decode_hidden(frame, self.backend, self.limits, 0, 1)
             grad_output = decode_hidden(frame, self.backend, self.limits, 1, 2)
             if grad_output.shape != hidden.shape:
@@ -236,45 +283,11 @@ class RequestHandlers:
             )
         return frame
 
-    def _adapter_room(self, frame: Frame[OpenSession | ChainRequest], begin: int) -> AbstractContextManager:
-        """Check the size of the adapter in the payloads from `begin` on, from its tensors' headers (before any is
-        decoded), then hold its decoded bytes against the peer's budget while the request or session runs."""
-        request, count = frame.meta, len(frame.payloads) - begin
-        if request.adapter is None:
-            if count:
-                raise RequestError(f"{count} unexpected tensor(s) after the activations, and no adapter")
-            return contextlib.nullcontext()
-        decoded = 4 * sum(header.numel for header in payload_headers(frame, begin))  # decoded to float32
-        self.limits.check_adapter_bytes(frame.nbytes(begin), decoded)
-        return self.admission.holding_adapter(decoded)
-
     async def _receive(self, requests: AsyncIterator, schema: type[M], hold: Hold) -> Frame[M] | None:
         """A request's first frame: the client has first_message_timeout to start it, step_timeout to send all of it."""
         timeout = self.limits.first_message_timeout
         reading = read_frame(requests, schema, self._max_bytes, first_message_timeout=timeout, announced=hold)
         return await asyncio.wait_for(reading, self.limits.step_timeout)
-
-    async def _next_step(self, requests: AsyncIterator, hold: Hold) -> Frame[InferenceStep] | None:
-        """The next frame of a session, unless the peer starts leaving or the client stays silent too long."""
-        receiving = asyncio.ensure_future(read_frame(requests, InferenceStep, self._max_bytes, announced=hold))
-        done, _ = await asyncio.wait(
-            (receiving, self.admission.leaving),
-            timeout=self.limits.session_timeout,
-            return_when=asyncio.FIRST_COMPLETED,
-        )
-        if receiving in done:
-            return receiving.result()
-        receiving.cancel()
-        self.admission.check_not_leaving()
-        raise TimeoutError
-
-    async def _drain(self, requests: AsyncIterator) -> None:
-        """After an error reply, read what the client already sent until it closes the stream: closing a stream
-        with unread data resets it, and the reset can overtake the error reply on its way to the client."""
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(self.limits.drain_timeout):
-                async for _ in requests:
-                    pass
 
     def serve(self, backend: BlockBackend, cache: CachePool) -> None:
         """Start serving another span (after a rebalancing move): new blocks, new cache, accepting work again."""

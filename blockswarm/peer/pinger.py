@@ -1,5 +1,5 @@
 """Round-trip times from this peer to the peers serving the block right after its span, published in its record as
-next_pings (the monitor shows them; routing does not use them yet)."""
+next_pings: clients' routes count them as the cost of pushing a step to the next peer, and the monitor shows them."""
 
 from __future__ import annotations
 

@@ -25,6 +25,18 @@ def check_codec(codec: str) -> None:
         raise RequestError(f"unsupported codec {codec!r}; this peer supports {sorted(CODECS)}")
 
 
+def check_session(backend: BlockBackend, limits: ServingLimits, session: OpenSession) -> None:
+    """What an OpenSession asks for: blocks served here, a known codec, a batch and a length within limits."""
+    check_span(backend, session.start, session.end)
+    check_codec(session.codec)
+    if session.batch_size < 1 or session.max_length < 1:
+        raise RequestError("batch_size and max_length must be positive")
+    if session.max_length > limits.max_session_length:
+        raise RequestError(f"max_length {session.max_length} exceeds this peer's limit of {limits.max_session_length}")
+    if (session.push_to is None) != (session.push_session is None):
+        raise RequestError("push_to and push_session go together: the next span's peer and its session id")
+
+
 def decode_hidden(
     frame: Frame,
     backend: BlockBackend,

@@ -4,6 +4,10 @@ Fault tolerance lives here. The session keeps, for every block where a span of i
 the hidden states that span's peer decoded, indexed by the session's one global position. When a peer
 fails, the session bans it, routes just that span's blocks anew (possibly over several peers), replays the
 history onto the replacement with a lossless codec (so it rebuilds the very same KV cache), and goes on.
+With push (on by default for routes of two spans or more), the client sends a step only to the first span; each
+peer pushes its outputs to the next span's peer and also returns them to the client, which records them as the next
+span's inputs exactly as if it had relayed them, and checks their digest against what the next peer says it got.
+A failed push, a failed span and every replayed step are relayed by the client, as without push.
 With a `Verifier`, a random share of steps is also computed from that history by another peer
 (pipeline/verification.py); a peer caught lying is replaced the same way, and the step is computed again.
 """
@@ -12,68 +16,19 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import torch
-from hivemind.p2p import P2P
+from hivemind.p2p import P2P, PeerID
 
-from blockswarm.compression.codecs import decode_tensor, encode_tensor, get_codec
+from blockswarm.compression.codecs import decode_tensor, encode_tensor
 from blockswarm.pipeline.hops import Hop, PeerError, Router
-from blockswarm.pipeline.liveness import Liveness
 from blockswarm.pipeline.retry import RetryPolicy, retry
-from blockswarm.pipeline.streams import PeerStream
+from blockswarm.pipeline.span_session import Push, SpanReply, SpanSession, payload_digest
 from blockswarm.pipeline.verification import LieDetected, Verifier
-from blockswarm.wire.adapters import AdapterTensors, adapter_payloads
-from blockswarm.wire.messages import INFERENCE_RPC, InferenceStep, OpenSession, StepReply
+from blockswarm.wire.adapters import AdapterTensors
 
 REPLAY_CHUNK_TOKENS = 1024  # replayed history goes out in steps of at most this many tokens (x batch)
-
-
-class SpanSession:
-    """Blocks [hop.start, hop.end) of a session, computed by hop.peer_id."""
-
-    def __init__(self, hop: Hop, stream: PeerStream, session_id: str, codec: str, liveness: Liveness):
-        self.hop = hop
-        self.stream = stream
-        self.session_id = session_id
-        self.codec = get_codec(codec)
-        self.liveness = liveness
-
-    @classmethod
-    async def open(
-        cls,
-        p2p: P2P,
-        hop: Hop,
-        max_length: int,
-        batch_size: int,
-        codec: str,
-        timeout: float,
-        adapter: AdapterTensors | None = None,
-    ) -> SpanSession:
-        """Open the stream; the peer holds `adapter`'s part for these blocks (deep prompts, LoRA) for the session."""
-        session_id = uuid.uuid4().hex
-        stream = await PeerStream.open(p2p, hop.peer_id, INFERENCE_RPC, timeout)
-        opening = OpenSession(
-            session_id=session_id,
-            start=hop.start,
-            end=hop.end,
-            max_length=max_length,
-            batch_size=batch_size,
-            codec=codec,
-            adapter=None if adapter is None else adapter.spec,
-        )
-        stream.send(opening, adapter_payloads(adapter, hop.start, hop.end))
-        return cls(hop, stream, session_id, codec, Liveness(p2p, hop.peer_id))
-
-    async def step(self, payload: bytes, position: int, timeout: float, decode: bool) -> torch.Tensor:
-        """Send one encoded tensor of hidden states at `position` (`decode`: one token per row); returns this span's
-        outputs. A hung peer fails the step in about a second (pipeline/liveness.py), a slow one does not."""
-        self.stream.send(InferenceStep(session_id=self.session_id, position=position), [payload])
-        _, (output,) = await self.liveness.wait(self.stream.receive(StepReply, timeout), decode)
-        return output
-
-    async def close(self) -> None:
-        await self.stream.close()
 
 
 class InferenceSession:
@@ -92,6 +47,7 @@ class InferenceSession:
         on_route: Callable[[list[Hop]], None] | None = None,
         adapter: AdapterTensors | None = None,
         verifier: Verifier | None = None,
+        push: bool = True,
     ):
         self.p2p = p2p
         self.router = router
@@ -107,6 +63,9 @@ class InferenceSession:
         self.on_route = on_route  # told about every route chosen: at open and on each failover
         self.adapter = adapter  # the client's deep prompts / LoRA of every block, sent to each span's peer at open
         self.verifier = verifier  # spot-checks a share of the steps on other peers
+        self.push = push  # peers push each step's outputs to the next span's peer (routes of two spans or more)
+        self.pushed_inputs = 0  # steps' inputs of spans after the first that came by push, and those relayed
+        self.relayed_inputs = 0
 
     async def open(self) -> None:
         self.spans = await retry(self.retry_policy, lambda: self._open_spans(0, self.num_blocks), "opening a route")
@@ -121,38 +80,65 @@ class InferenceSession:
                 f"session max_length {self.max_length} exceeded: it holds {self.position} tokens, "
                 f"{seq_len} more requested; open the session with a larger max_length"
             )
-        dtype = hidden.dtype
-        index = 0
+        dtype, position = hidden.dtype, self.position
+        index, inputs, pushed_in, pushed_payload = 0, hidden, False, b""
         while index < len(self.spans):
             span = self.spans[index]
-            payload = encode_tensor(hidden, span.codec.name)
-            self._record(span.hop.start, hidden if span.codec.lossless else decode_tensor(payload), self.position)
             try:
                 if not self.router.is_usable(span.hop.peer_id):
                     raise PeerError(span.hop.peer_id, "announced it is leaving or was banned")
-                hidden = await self._checked_step(span, payload, seq_len)
+                if pushed_in:  # the very bytes pushed, should the client have to relay them (a lost push)
+                    receiving = span.receive(position, *self._wait(seq_len), relay=lambda p=pushed_payload: p)
+                    reply = await self._checked(span, seq_len, receiving)
+                    if reply.input_digest is None:  # relayed after all
+                        self.relayed_inputs += 1
+                    elif reply.input_digest != payload_digest(pushed_payload):
+                        raise PushMismatch(self.spans[index - 1].hop.peer_id)
+                    else:
+                        self.pushed_inputs += 1
+                else:
+                    payload = encode_tensor(inputs, span.codec.name)
+                    self._record(span.hop.start, inputs if span.codec.lossless else decode_tensor(payload), position)
+                    span.send(payload, position)
+                    reply = await self._checked(span, seq_len, span.receive(position, *self._wait(seq_len)))
+                    self.relayed_inputs += index > 0
+                inputs, pushed_in = reply.output, self._pushed_on(index, reply)
+                if pushed_in:
+                    self._record(self.spans[index + 1].hop.start, inputs, position)
+                    pushed_payload = reply.payload
                 index += 1
             except PeerError as error:
-                await self._replace(index, error)
+                failed = index - 1 if isinstance(error, PushMismatch) else index
+                await self._replace(failed, error)
+                if failed != index:  # the previous span's inputs again, now to its replacement
+                    inputs = self.history[self.spans[failed].hop.start][:, position : position + seq_len]
+                index, pushed_in = failed, False
         self.position += seq_len
-        return hidden.to(dtype)
+        return inputs.to(dtype)
 
-    async def _checked_step(self, span: SpanSession, payload: bytes, seq_len: int) -> torch.Tensor:
-        """The span's outputs for this step; when the verifier draws it, another peer computes it at the same time
+    def _wait(self, seq_len: int) -> tuple[float, bool]:
+        return self.step_timeout, seq_len == 1
+
+    def _pushed_on(self, index: int, reply: SpanReply) -> bool:
+        """Whether the span after `index` got this step's input from its peer: then the client does not relay it."""
+        return reply.pushed and index + 1 < len(self.spans) and self.spans[index].pushes_to(self.spans[index + 1])
+
+    async def _checked(self, span: SpanSession, seq_len: int, receiving: Awaitable[SpanReply]) -> SpanReply:
+        """The span's reply for this step; when the verifier draws it, another peer computes it at the same time
         from the span's input history, and a liar raises LieDetected (a PeerError: the span is replaced)."""
         check = None
         if self.verifier is not None and self.verifier.draw():
             inputs = self.history[span.hop.start][:, : self.position + seq_len]
             check = self.verifier.begin(span.hop, inputs, self.adapter, tail=seq_len)
         try:
-            output = await span.step(payload, self.position, self.step_timeout, decode=seq_len == 1)
+            reply = await receiving
         except BaseException:
             if check is not None:
                 check.cancel()
             raise
         if check is not None:
-            await self.verifier.settle(check, output, span.codec.name)
-        return output
+            await self.verifier.settle(check, reply.output, span.codec.name)
+        return reply
 
     async def close(self) -> None:
         spans, self.spans = self.spans, []
@@ -183,17 +169,30 @@ class InferenceSession:
         if self.on_route is not None:
             self.on_route(hops)
         spans: list[SpanSession] = []
+        ids = [uuid.uuid4().hex for _ in hops]
+        pushing = self.push and not replay and len(hops) > 1
         try:
-            for hop in hops:
+            for number, hop in enumerate(hops):
+                push = Push()
+                if pushing:
+                    after, before = hops[number + 1 : number + 2], hops[max(0, number - 1) : number]
+                    push = Push(
+                        to_peer=after[0].peer_id if after else None,
+                        to_session=ids[number + 1] if after else None,
+                        from_peer=before[0].peer_id if before else None,
+                    )
+                codec = hop.codec_for(self.codec)
                 spans.append(
                     await SpanSession.open(
                         self.p2p,
                         hop,
                         self.max_length,
                         self.batch_size,
-                        hop.codec_for(self.codec),
+                        codec,
                         self.step_timeout,
                         self.adapter,
+                        ids[number],
+                        push,
                     )
                 )
             if replay and self.position > 0:
@@ -217,3 +216,10 @@ class InferenceSession:
                 payload = encode_tensor(inputs[:, begin : begin + chunk], "none")
                 outputs.append(await span.step(payload, begin, self.step_timeout, decode=False))
             inputs = torch.cat(outputs, dim=1)
+
+
+class PushMismatch(PeerError):
+    """A peer says it got pushed inputs other than the outputs its previous span's peer returned to the client."""
+
+    def __init__(self, peer_id: PeerID):
+        super().__init__(peer_id, "the outputs it pushed to the next span's peer differ from those it returned")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from hivemind.p2p import P2P, PeerID
@@ -43,8 +43,9 @@ class Liveness:
         recent = self._recent[decode]
         return max(SUSPECT_FLOOR_S, SUSPECT_FACTOR * max(recent, default=0.0))
 
-    async def wait(self, reply: Awaitable[T], decode: bool) -> T:
-        """`reply`'s result; PeerError as soon as the peer, asked while the reply is overdue, does not answer."""
+    async def wait(self, reply: Awaitable[T], decode: bool, if_alive: Callable[[], None] | None = None) -> T:
+        """`reply`'s result; PeerError as soon as the peer, asked while the reply is overdue, does not answer.
+        `if_alive` is called once, the first time the peer answers while the reply is overdue."""
         task = asyncio.ensure_future(reply)
         began = time.monotonic()
         try:
@@ -55,6 +56,9 @@ class Liveness:
                     self._recent[decode].append(time.monotonic() - began)
                     return result
                 await self._probe(time.monotonic() - began)
+                if if_alive is not None:
+                    if_alive, called = None, if_alive
+                    called()
         finally:
             task.cancel()
 

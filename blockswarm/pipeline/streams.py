@@ -34,9 +34,14 @@ class PeerStream:
 
     async def receive(self, schema: type[Message] | None, timeout: float) -> tuple[Message | None, list[torch.Tensor]]:
         """The next reply's metadata and its decoded tensors."""
+        frame, tensors = await self.receive_frame(schema, timeout)
+        return frame.meta, tensors
+
+    async def receive_frame(self, schema: type[Message] | None, timeout: float) -> tuple[Frame, list[torch.Tensor]]:
+        """The next reply as it came (its payloads still encoded) and its tensors decoded."""
         with _peer_errors(self.peer_id):
             frame = await self._stream.receive(schema, MAX_REPLY_BYTES, timeout)
-            return frame.meta, frame.tensors()
+            return frame, frame.tensors()
 
     async def close(self) -> None:
         await self._stream.close()

@@ -1,10 +1,11 @@
 """Route finding over a swarm view.
 
 Inference (`min_latency_route`): the cheapest chain of hops by expected step time. Hidden states go from the
-client to each peer and back, so a hop costs the client's RTT to that peer, a fixed per-hop overhead, the
-peer's compute time per block, and a large penalty where the peer's free KV cache cannot hold the session.
-The search is a shortest path over (peer, block) nodes; since every edge moves forward in the block index,
-a single pass in block order (dynamic programming on a DAG) finds it in O(total coverage).
+client to the first peer, from each peer to the next (pushed directly, or relayed through the client), and from
+the last back to the client; a hop also costs a fixed per-hop overhead, the peer's compute time per block, and a
+large penalty where the peer's free KV cache cannot hold the session. The search is a shortest path over
+(boundary, last peer) states; since every edge moves forward in the block index, a single pass in block order
+(dynamic programming on a DAG) finds it in O(sum over blocks of the peers of a block times those of the next).
 
 Forward/backward (`wired_route`): SWARM stochastic wiring, see `StochasticWiring`.
 """
@@ -55,41 +56,60 @@ def min_latency_route(
     cache_tokens_needed: int = 0,
     costs: LatencyModel = LatencyModel(),
     rng: random.Random | None = None,
+    push: bool = True,
 ) -> list[Hop]:
-    """`blocks[i]` lists the usable peers of block i. Equal costs are broken at random (load spreading)."""
+    """`blocks[i]` lists the usable peers of block i. Equal costs are broken at random (load spreading).
+
+    A step's trips: client -> first peer, each peer -> the next, last peer -> client, each half an RTT. With `push`,
+    a trip between two peers costs half the first one's published `next_pings` to the second where it has one;
+    otherwise (and without push) it goes through the client: half the client's RTTs to both."""
     _missing(blocks, start, end, model)
     rng = rng or random.Random()
     rtts = rtts or {}
-    hop_costs: dict[PeerID, tuple[float, float]] = {}  # peer -> (cost of entering it, seconds per block)
-    best = [float("inf")] * (end + 1)  # cheapest known cost to have computed blocks [start, i)
-    came_from: list[tuple[PeerID, int, ServerInfo] | None] = [None] * (end + 1)
-    best[start] = 0.0
-    # per peer: min over entry boundaries e of best[e] + entry - e * per_block, with the argmin e. Spans are
-    # contiguous, so an entry stays valid while the peer keeps appearing block after block.
-    running: dict[PeerID, tuple[float, int]] = {}
+    rtt = {peer: rtts.get(peer, costs.unknown_rtt) for block in blocks[start:end] for peer in block}
+    hop_costs: dict[PeerID, tuple[float, float]] = {}  # peer -> (fixed cost of a hop on it, seconds per block)
+    infos: dict[PeerID, ServerInfo] = {}
+
+    def trip(before: PeerID, after: PeerID) -> float:
+        direct = infos[before].next_pings.get(after.to_base58()) if push else None
+        return (rtt[before] + rtt[after]) / 2 if direct is None else direct / 2
+
+    # ending[b][peer] = (cheapest cost of blocks [start, b) with a last hop on `peer`, the block where that hop
+    # began, the peer of the hop before it). Per peer, `running` keeps min over entry boundaries e of
+    # cost(entering at e) - e * per_block and its argmin: spans are contiguous, so an entry stays valid while the
+    # peer keeps appearing block after block.
+    ending: list[dict[PeerID, tuple[float, int, PeerID | None]]] = [{} for _ in range(end + 1)]
+    running: dict[PeerID, tuple[float, int, PeerID | None]] = {}
     for block in range(start, end):
         for peer, info in blocks[block].items():
+            infos.setdefault(peer, info)
             params = hop_costs.get(peer)
             if params is None:
-                entry = rtts.get(peer, costs.unknown_rtt) + costs.hop_overhead + rng.random() * 1e-9  # random tie-break
+                fixed = costs.hop_overhead + rng.random() * 1e-9  # random tie-break
                 if info.cache_tokens_left < cache_tokens_needed:
-                    entry += costs.no_cache_penalty
-                params = hop_costs[peer] = (entry, costs.block_time(info))
-            entry, per_block = params
-            enter_here = best[block] + entry - block * per_block
+                    fixed += costs.no_cache_penalty
+                params = hop_costs[peer] = (fixed, costs.block_time(info))
+            fixed, per_block = params
+            if block == start:
+                entry, before = rtt[peer] / 2, None
+            else:
+                entry, before = min(
+                    ((cost + trip(prev, peer), prev) for prev, (cost, _, _) in ending[block].items() if prev != peer),
+                    key=lambda option: option[0],
+                    default=(float("inf"), None),
+                )
+            enter_here = entry + fixed - block * per_block
             current = running.get(peer)
             if current is None or enter_here < current[0] or current[1] < info.start:
-                running[peer] = current = (enter_here, block)
-            cost = current[0] + (block + 1) * per_block
-            if cost < best[block + 1]:
-                best[block + 1] = cost
-                came_from[block + 1] = (peer, current[1], info)
+                running[peer] = current = (enter_here, block, before)
+            ending[block + 1][peer] = (current[0] + (block + 1) * per_block, current[1], current[2])
+    last = min(ending[end], key=lambda peer: ending[end][peer][0] + rtt[peer] / 2)
     hops: list[Hop] = []
-    boundary = end
+    boundary, peer = end, last
     while boundary > start:
-        peer, entered, info = came_from[boundary]
-        hops.append(hop_of(peer, info, entered, boundary))
-        boundary = entered
+        _, entered, before = ending[boundary][peer]
+        hops.append(hop_of(peer, blocks[entered][peer], entered, boundary))
+        boundary, peer = entered, before
     return hops[::-1]
 
 

@@ -25,9 +25,11 @@ MAX_PINGS_PER_ROUND = 64
 
 
 class SwarmRouter:
-    def __init__(self, view: SwarmView, costs: LatencyModel = LatencyModel()):
+    def __init__(self, view: SwarmView, costs: LatencyModel = LatencyModel(), push: bool = True):
+        """`push`: sessions push between peers, so routes count the peers' own RTTs to each other (next_pings)."""
         self.view = view
         self.costs = costs
+        self.push = push
         self.rtts = RttEma()
         self.wiring = StochasticWiring()
 
@@ -35,7 +37,14 @@ class SwarmRouter:
         """Fastest chain for an inference session over blocks [start, end)."""
         return self._with_refresh(
             lambda blocks: min_latency_route(
-                blocks, start, end, self.view.model, self.rtts.snapshot(), cache_tokens_needed, self.costs
+                blocks,
+                start,
+                end,
+                self.view.model,
+                self.rtts.snapshot(),
+                cache_tokens_needed,
+                self.costs,
+                push=self.push,
             )
         )
 

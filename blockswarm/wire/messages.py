@@ -10,6 +10,7 @@ INFO_RPC = "blockswarm.info"
 INFERENCE_RPC = "blockswarm.inference"
 FORWARD_RPC = "blockswarm.forward"
 BACKWARD_RPC = "blockswarm.backward"
+PUSH_RPC = "blockswarm.push"  # a peer's outputs of an inference step, sent straight to the next span's peer
 
 MAX_LORA_RANK = 1024
 MAX_PROMPT_LEN = 4096
@@ -58,6 +59,17 @@ class OpenSession(Message):
     batch_size: int = 1
     codec: str = "none"  # how the peer encodes its replies
     adapter: AdapterSpec | None = None  # the client's deep prompts / LoRA for this session, sent with this message
+    # peer-to-peer push (docs/architecture.md, "Inference and failover"); all None: every step comes from the client
+    push_to: str | None = Field(default=None, max_length=128)  # base58 id of the next span's peer
+    push_session: str | None = Field(default=None, max_length=64)  # the next span's session id on that peer
+    push_from: str | None = Field(default=None, max_length=128)  # base58 id of the only peer that may push here
+
+
+class PushStep(Message):
+    """A step's input pushed by the previous span's peer into `session_id` at `position`, instead of the client."""
+
+    session_id: str = Field(min_length=1, max_length=64)
+    position: int
 
 
 class InferenceStep(Message):
@@ -83,7 +95,12 @@ class ChainRequest(Message):
 
 
 class StepReply(Message):
+    """The outputs of one step. `pushed`: whether they reached the next span's peer (None: this session does not
+    push); `input_digest`: for a step whose input was pushed, the sha256 of that payload (the client checks it)."""
+
     position: int
+    pushed: bool | None = None
+    input_digest: str | None = Field(default=None, max_length=64)
 
 
 class PeerStatus(Message):

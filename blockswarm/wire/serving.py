@@ -83,6 +83,15 @@ class _Done(Exception):
     """The handler finished while the stream was still being read."""
 
 
+async def drain(requests: AsyncIterator, timeout: float) -> None:
+    """After an error reply, read what the caller already sent until it closes the stream (at most `timeout`
+    seconds): closing a stream with unread data resets it, and the reset can overtake the error reply."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(timeout):
+            async for _ in requests:
+                pass
+
+
 async def _unless_done(responding: asyncio.Task, awaitable) -> object:
     """`awaitable`'s result, or _Done as soon as the handler finishes first."""
     task = asyncio.ensure_future(awaitable)
