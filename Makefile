@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install browser demo test lint format bench clean
+.PHONY: install browser wan-tools demo test lint format bench clean
 
 install: $(STAMP)
 
@@ -27,10 +27,16 @@ browser:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-liberation; \
 	fi
 
+# The emulated WAN (blockswarm/emulated_wan.py) runs `ip netns` and `ip link`: iproute2, installed when missing.
+wan-tools:
+	@if ! command -v ip >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends iproute2; \
+	fi
+
 demo: install
 	$(BIN)/blockswarm demo
 
-test: install browser
+test: install browser wan-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install
@@ -41,7 +47,7 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-bench: install
+bench: install wan-tools
 	$(BIN)/python bench/generate.py --preset tiny
 	$(BIN)/python bench/generate.py --preset tiny --codec none
 	$(BIN)/python bench/generate.py --preset medium
@@ -50,6 +56,9 @@ bench: install
 	$(BIN)/python bench/weights.py
 	$(BIN)/python bench/balance.py
 	$(BIN)/python bench/training.py
+	$(BIN)/python bench/verify.py
+	$(BIN)/python bench/load.py
+	$(BIN)/python bench/wan.py
 
 clean:
 	rm -rf $(VENV) .demo .bench .pytest_cache .ruff_cache

@@ -4,6 +4,7 @@ on a host of its own, 20 ms one way between any two hosts."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import statistics
 import subprocess
@@ -16,6 +17,8 @@ from transformers import AutoModelForCausalLM
 
 from blockswarm.emulated_wan import EmulatedWan
 from blockswarm.local_swarm import LocalSwarm
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the emulated WAN needs root: network namespaces, TUN")
 
 DELAY_S = 0.020
 SPANS = ("0:3", "3:6", "6:8", "0:3")  # a route of three hops, and a spare peer for the first one
