@@ -20,6 +20,7 @@ import contextlib
 import fcntl
 import heapq
 import ipaddress
+import itertools
 import json
 import os
 import selectors
@@ -33,7 +34,11 @@ from dataclasses import dataclass
 TUNSETIFF = 0x400454CA
 IFF_TUN, IFF_NO_PI = 0x0001, 0x1000
 MTU = 65000  # bytes; at 1 Gbit/s about 2000 packets a second, which the Python router keeps up with
-SUBNET = ipaddress.ip_network("10.213.0.0/16")  # inside the namespaces only: never routed on this machine
+# Public-looking addresses, as WAN hosts have: libp2p treats private ones (10/8, ...) as a LAN and, among other
+# things, never announces an address through a relay at a private address. They exist inside the namespaces only
+# (each holds just its TUN device and loopback, with no route elsewhere), so nothing is ever sent to the real ones.
+SUBNET = ipaddress.ip_network("11.213.0.0/16")
+_WAN_NUMBERS = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -53,7 +58,8 @@ class EmulatedWan:
         self.default_delay_ms = delay_ms
         self.default_bandwidth_mbit = bandwidth_mbit
         self.hosts: dict[str, WanHost] = {}
-        self._tag = f"bsw{os.getpid() % 100000}"
+        # names of namespaces and devices (at most 15 characters): unique per process and per WAN within it
+        self._tag = f"bsw{os.getpid() % 100000}{chr(ord('a') + next(_WAN_NUMBERS) % 26)}"
         self._control, router_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._router = subprocess.Popen(
             [sys.executable, "-m", "blockswarm.emulated_wan", str(router_end.fileno())],

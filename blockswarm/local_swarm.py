@@ -89,7 +89,8 @@ class LocalSwarm:
     ) -> LocalProcess:
         """`args` are extra `run-server` options, e.g. ("--blocks", "0:4"). `test_noise` > 0 starts a peer that lies:
         it adds that much noise (times its outputs' std) to every output, for tests of the clients' spot checks.
-        `nat`: on the emulated WAN, the peer's host accepts no inbound connection."""
+        `nat`: on the emulated WAN, the peer's host accepts no inbound connection (the peer finds out at start and
+        serves through a relay)."""
         name = name or f"peer{sum(p.name.startswith('peer') for p in self.processes)}"
         command = [
             "run-server",

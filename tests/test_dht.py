@@ -72,6 +72,11 @@ def test_unknown_fields_are_ignored():
     assert ModelInfo.from_wire(_model().to_wire() | {"license": "mit"}) == _model()
 
 
+def test_records_without_using_relay_are_read_as_direct_peers():
+    wire = {key: value for key, value in _server(using_relay=True).to_wire().items() if key != "using_relay"}
+    assert ServerInfo.from_wire(wire).using_relay is False
+
+
 @pytest.mark.parametrize(
     "changes",
     [
@@ -86,6 +91,7 @@ def test_unknown_fields_are_ignored():
         {"state": 1},
         {"codecs": "none"},
         {"training": "yes"},
+        {"using_relay": 1},
         {"public_name": "x" * 65},
         {"next_pings": {"peer": -0.1}},
         {"cache_tokens_left": -5},

@@ -329,3 +329,24 @@ def test_announced_load_reaches_the_page_and_metrics():
     families = {family.name: family for family in text_string_to_metric_families(render_metrics(snapshot))}
     assert [s.value for s in families["blockswarm_active_sessions"].samples] == [3]
     assert [s.value for s in families["blockswarm_queued_requests"].samples] == [5]
+
+
+def test_relayed_and_direct_peers_are_told_apart():
+    relayed, direct = PeerID(b"relayed-peer"), PeerID(b"direct-peer")
+    model = ModelInfo(num_blocks=2, family="llama", config_hash="c", weights_hash="w")
+    records = {
+        relayed: ServerInfo(state=ServerState.ONLINE, start=0, end=2, using_relay=True),
+        direct: ServerInfo(state=ServerState.ONLINE, start=0, end=2),
+    }
+    blocks = [records, records]
+    reachable = {p: Reachability(reachable=True, checked_at=time.time(), rtt_ms=1.0) for p in (relayed, direct)}
+    snapshot = Snapshot(taken_at=time.time(), crawl_seconds=0.1, models=[model_state("m", model, blocks, reachable)])
+    payload = json.loads(snapshot.model_dump_json())
+    assert {p["peer_id"]: p["using_relay"] for p in payload["models"][0]["peers"]} == {
+        relayed.to_base58(): True,
+        direct.to_base58(): False,
+    }
+    page = render_page(snapshot, {}, period=30)
+    for peer_id, connection in ((relayed, ">relay<"), (direct, ">direct<")):
+        row = re.search(rf'<tr data-peer-id="{peer_id.to_base58()}".*?</tr>', page).group(0)
+        assert connection in row

@@ -12,7 +12,7 @@ from hivemind.p2p import PeerID
 from blockswarm.dht import ServerInfo, ServerState
 from blockswarm.peer.block_selection import block_coverage, choose_move, choose_mover, choose_span_start
 from blockswarm.pipeline.hops import NoRouteError
-from blockswarm.routing.route import StochasticWiring, min_latency_route, wired_route
+from blockswarm.routing.route import LatencyModel, StochasticWiring, min_latency_route, wired_route
 from blockswarm.routing.swarm_view import SwarmView, usable_peers
 
 
@@ -70,6 +70,23 @@ def test_peers_without_cache_room_are_avoided_unless_nothing_else_serves():
     assert spans_of(min_latency_route(blocks, 0, 8, "m", rtts, cache_tokens_needed=100)) == [(peer(1), 0, 8)]
     only = view({0: (0, 8)}, 8, fields={0: {"cache_tokens_left": 10}})
     assert spans_of(min_latency_route(only, 0, 8, "m", {}, cache_tokens_needed=100)) == [(peer(0), 0, 8)]
+
+
+def test_relayed_peers_cost_a_penalty_but_serve_when_alone():
+    blocks = view({0: (0, 8), 1: (0, 8)}, 8, fields={0: {"using_relay": True}})
+    rtts = {peer(0): 0.01, peer(1): 0.01}
+    for seed in range(10):  # as fast as the direct peer: the relay's hop decides, not the random tie-break
+        route = min_latency_route(blocks, 0, 8, "m", rtts, rng=random.Random(seed))
+        assert spans_of(route) == [(peer(1), 0, 8)]
+    # a relayed peer far faster than the penalty is still worth it; and it serves its blocks when alone
+    assert spans_of(min_latency_route(blocks, 0, 8, "m", {peer(0): 0.01, peer(1): 0.5})) == [(peer(0), 0, 8)]
+    alone = view({0: (0, 4), 1: (4, 8)}, 8, fields={1: {"using_relay": True}})
+    assert spans_of(min_latency_route(alone, 0, 8, "m", rtts)) == [(peer(0), 0, 4), (peer(1), 4, 8)]
+    free = LatencyModel(relay_penalty=0.0)
+    chosen = {
+        min_latency_route(blocks, 0, 8, "m", rtts, costs=free, rng=random.Random(s))[0].peer_id for s in range(20)
+    }
+    assert chosen == {peer(0), peer(1)}, "without the penalty, equal peers are equal"
 
 
 def test_unknown_rtts_count_as_slow_but_usable():

@@ -1,5 +1,5 @@
 """The swarm across an emulated WAN (blockswarm/emulated_wan.py): the bootstrap node, every peer and the client each
-on a host of its own, 20 ms one way between any two hosts."""
+on a host of its own, 20 ms one way between any two hosts; and a peer behind NAT, served through a relay."""
 
 from __future__ import annotations
 
@@ -46,6 +46,20 @@ def expected(tiny_model) -> list[int]:
     return output[0, prompt.shape[1] :].tolist()
 
 
+@pytest.fixture(scope="module")
+def nat_swarm(tiny_model, tmp_path_factory):
+    """A direct peer for blocks 0:4 and a NATed one (inbound connections dropped) for 4:8."""
+    with (
+        EmulatedWan(delay_ms=DELAY_S * 1e3) as wan,
+        LocalSwarm(tiny_model, tmp_path_factory.mktemp("nat"), wan=wan) as swarm,
+    ):
+        swarm.start_bootstrap()
+        direct = swarm.start_peer("--blocks", "0:4", wait=False)
+        for process in (direct, swarm.start_peer("--blocks", "4:8", nat=True, wait=False)):
+            swarm.wait_peer(process)
+        yield swarm, wan, wan.add_host("client")
+
+
 def run_client(wan_swarm, tiny_model, *options: str) -> dict:
     swarm, wan, client_host = wan_swarm
     peers = [f"{p.peer_id}={p.popen.pid}" for p in swarm.processes if p.peer_id]
@@ -83,3 +97,13 @@ def test_a_stopped_peer_across_the_wan_is_replaced_in_about_a_second(wan_swarm, 
             process.signal(signal.SIGCONT)
     assert result["tokens"] == expected
     assert result["step_seconds"][6] < 3.0, result["step_seconds"]
+
+
+def test_a_natted_peer_serves_through_a_relay_and_says_so(nat_swarm, tiny_model, expected):
+    swarm = nat_swarm[0]
+    direct, natted = (process for process in swarm.processes if process.peer_id)
+    assert all("p2p-circuit" in maddr for maddr in natted.maddrs), natted.maddrs
+    assert "others cannot dial this node directly" in natted.log()
+    result = run_client(nat_swarm, tiny_model, "--show-relays")
+    assert result["tokens"] == expected
+    assert result["using_relay"] == {direct.peer_id: False, natted.peer_id: True}

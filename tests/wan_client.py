@@ -1,6 +1,7 @@
 """A client run on a host of the emulated WAN by tests/test_wan.py: greedy generation through the swarm, with
 peer-to-peer push or (--no-push) relaying, optionally stopping (SIGSTOP) the peer of the first span before one step;
-prints one JSON line: tokens and step durations."""
+prints one JSON line: tokens and step durations (and, with --show-relays, what each peer's record says about
+relays)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import signal
 import torch
 
 from blockswarm.client import DistributedModelForCausalLM
+from blockswarm.dht import get_block_servers
 from blockswarm.local_swarm import generate_with_interruptions
 
 
@@ -24,6 +26,7 @@ def main() -> None:
     parser.add_argument("--stop-at", type=int, default=None, help="SIGSTOP the first span's peer before this step")
     parser.add_argument("--pids", nargs="*", default=[], help="PEER_ID=PID of the swarm's peers")
     parser.add_argument("--no-push", action="store_true", help="relay every step through the client")
+    parser.add_argument("--show-relays", action="store_true", help="also print each peer's announced using_relay")
     args = parser.parse_args()
     pids = dict(entry.split("=") for entry in args.pids)
     prompt = torch.randint(3, 4000, (1, 8), generator=torch.Generator().manual_seed(args.seed))
@@ -37,7 +40,12 @@ def main() -> None:
     ) as model:
         model.generate(prompt, max_new_tokens=2)  # warm-up: routes, RTTs, connections
         output, durations = generate_with_interruptions(model, prompt, args.new_tokens, interruptions)
-    print(json.dumps({"tokens": output[0, prompt.shape[1] :].tolist(), "step_seconds": durations}), flush=True)
+        result = {"tokens": output[0, prompt.shape[1] :].tolist(), "step_seconds": durations}
+        if args.show_relays:
+            remote = model.remote
+            blocks = get_block_servers(remote.dht, remote.model_name, 0, remote.config.num_blocks, latest=True)
+            result["using_relay"] = {str(peer): info.using_relay for block in blocks for peer, info in block.items()}
+    print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import signal
 
 def run_dht(args: argparse.Namespace) -> None:
     from blockswarm.dht import NodeRole, start_dht
+    from blockswarm.dht.reachability import serve_dial_back
 
     dht = start_dht(
         NodeRole.BOOTSTRAP,
@@ -24,6 +25,7 @@ def run_dht(args: argparse.Namespace) -> None:
     stop = asyncio.Event()
 
     async def wait() -> None:
+        await serve_dial_back(await dht.replicate_p2p())  # joining peers ask it whether they are reachable
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
@@ -51,6 +53,7 @@ def run_server(args: argparse.Namespace) -> None:
         port=args.port,
         announce_addrs=args.announce_addrs,
         identity_path=args.identity_path,
+        relay=args.relay,
         device=args.device,
         dtype=args.dtype,
         cache_tokens=args.cache_tokens,

@@ -71,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     server.add_argument("--new-swarm", action="store_true", help="start a new swarm instead of joining one")
     server.add_argument(
+        "--relay",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="serve through the initial peers' circuit relays: when they cannot dial this peer directly (auto, "
+        "checked at start), always, or never",
+    )
+    server.add_argument(
         "--model-name",
         default=None,
         help="name announced on the DHT (default: hub id, or folder name + weights hash)",

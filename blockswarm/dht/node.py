@@ -63,10 +63,21 @@ class SwarmNode:
 
 
 class _OwnProcessGroupDHT(DHT):
-    """hivemind's DHT process (and the p2pd daemon it starts), moved out of the parent's process group."""
+    """hivemind's DHT process (and the p2pd daemon it starts), moved out of the parent's process group.
+
+    `static_relays`: reserve relay slots only at the trusted relays, at once. With p2pd's default, discovering relays
+    through its DHT too, a NATed peer of a three-node swarm had reserved no slot after 40 s (libp2p waits for more
+    candidates); hivemind's `P2P.create` has no parameter for p2pd's `-relayDiscovery`, so it is added to the
+    daemon's arguments here, in the DHT's own process.
+    """
+
+    static_relays = False
 
     def run(self) -> None:
         os.setpgid(0, 0)
+        if self.static_relays:
+            make_args = P2P._make_process_args
+            P2P._make_process_args = staticmethod(lambda *args, **kwargs: make_args(*args, **kwargs, relayDiscovery=0))
         super().run()
 
 
@@ -79,12 +90,15 @@ def start_dht(
     port: int = 0,
     announce_addrs: Sequence[str] = (),
     identity_path: str | None = None,
+    relay: bool = False,
 ) -> SwarmNode:
     """Start a DHT node for `role` (in its own process) joined through `initial_peers`.
 
     Listening roles bind `host:port`; a bootstrap node or a peer with `new_swarm` may start without initial peers.
     They run under the identity in `identity_path` (made there when missing; a fresh temporary one without a path)
     and sign their records with its key, so that their records prove their peer id (see identity.py).
+    With `relay` (a listening node others cannot dial, see reachability.py), the node reserves slots at the initial
+    peers' circuit relays and announces only its relayed addresses, through which others reach it.
     Raises SwarmJoinError saying what to pass or check when the node has no initial peers where it needs them, or
     cannot start or join.
     """
@@ -109,14 +123,19 @@ def start_dht(
         identity_path=identity.path if identity else None,
         check_if_identity_free=not fresh_identity,
     )
+    if relay:
+        # forced private: p2pd would otherwise wait for its own AutoNAT verdict before using the relays
+        listening_options.update(use_auto_relay=True, force_reachability="private", trusted_relays=list(initial_peers))
     try:
         dht = _OwnProcessGroupDHT(
             initial_peers=list(initial_peers),
-            start=True,
+            start=False,
             client_mode=not listening,
             record_validators=validators,
             **(listening_options if listening else {}),
         )
+        dht.static_relays = relay
+        dht.run_in_background(await_ready=True)
     except Exception as e:
         where = f" while listening on {host_maddrs}" if listening else ""
         raise SwarmJoinError(

@@ -95,6 +95,7 @@ class ServerInfo(_WireRecord):
     next_pings: dict[str, float] = Field(default_factory=dict, max_length=256)
     training: bool = False  # started with --train: its blocks learn from SWARM trainers' backward passes
     balancing: bool = False  # chose its own blocks and moves them where the swarm needs it (not --blocks, not --train)
+    using_relay: bool = False  # others cannot dial it directly: reached through a circuit relay (an extra hop)
 
     @model_validator(mode="after")
     def _check(self) -> ServerInfo:

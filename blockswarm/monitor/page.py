@@ -31,6 +31,7 @@ section.model h2 { font-size: 1.1rem; margin: 0; overflow-wrap: anywhere; }
 .healthy, .online { background: var(--ok); }
 .broken, .offline, .unreachable { background: var(--bad); }
 .joining, .draining { background: var(--warn); }
+.relay { background: #6f42c1; }
 .facts { display: flex; flex-wrap: wrap; gap: 4px 18px; margin: 6px 0 10px; }
 .summary { display: flex; flex-wrap: wrap; gap: 16px; align-items: flex-start; }
 .coverage { flex: 1 1 320px; }
@@ -189,6 +190,7 @@ PEER_COLUMNS = (
     "Name",
     "State",
     "Reachable",
+    "Connection",
     "Span",
     "Throughput",
     "Inference / forward rps",
@@ -233,6 +235,7 @@ def _peer_row(peer: PeerRecord, num_blocks: int) -> str:
         _td(escape(peer.public_name or "–")),
         _td(f'<span class="badge {peer.state.value}">{peer.state.value}</span>{_lie_badge(peer.lie_reports)}'),
         _td(reachable),
+        _td(_connection(peer.using_relay)),
         _td(f'{span}<span class="muted">{peer.start}:{peer.end}</span>'),
         _td(_number(peer.throughput), numeric=True),
         _td(" / ".join(_rps(rps) for rps in (peer.inference_rps, peer.forward_rps)), numeric=True),
@@ -244,6 +247,12 @@ def _peer_row(peer: PeerRecord, num_blocks: int) -> str:
         _td(pings),
     ]
     return f'<tr data-peer-id="{peer.peer_id}" data-state="{peer.state.value}">{"".join(cells)}</tr>'
+
+
+def _connection(using_relay: bool) -> str:
+    if not using_relay:
+        return '<span class="muted">direct</span>'
+    return '<span class="badge relay" title="behind NAT: clients reach it through a circuit relay">relay</span>'
 
 
 def _lie_badge(reporters: int) -> str:

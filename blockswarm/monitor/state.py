@@ -45,6 +45,7 @@ class PeerRecord(BaseModel):
     active_sessions: int  # inference sessions open when the peer last announced itself
     queued_requests: int  # requests waiting for its compute then
     next_pings: dict[str, float]
+    using_relay: bool  # announced: others cannot dial it directly, so it is reached through a circuit relay
     reachable: bool | None  # None: not asked, because the peer does not announce itself ONLINE
     rtt_ms: float | None
     error: str | None
@@ -124,6 +125,7 @@ def peer_record(
                 "active_sessions",
                 "queued_requests",
                 "next_pings",
+                "using_relay",
             }
         ),
     )

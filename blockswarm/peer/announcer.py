@@ -38,6 +38,7 @@ class PeerProfile:
     public_name: str | None
     training: bool  # learns from SWARM trainers' backward passes (--train)
     balancing: bool  # chose its own blocks and moves where the swarm needs it
+    using_relay: bool  # reached through circuit relays: others cannot dial it directly
 
 
 def check_record_bounds(num_blocks: int, throughput: float | None, cache_tokens: int) -> None:
@@ -108,6 +109,7 @@ class Announcer:
             public_name=self.profile.public_name,
             training=self.profile.training,
             balancing=self.profile.balancing,
+            using_relay=self.profile.using_relay,
         )
 
     def announce(self, record: ServerInfo, timeout: float) -> bool:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from blockswarm import __version__
 from blockswarm.compression.codecs import CODECS
 from blockswarm.dht import ModelInfo, NodeRole, ServerState, SwarmNode, start_dht
+from blockswarm.dht.reachability import RelayMode, choose_relay, serve_dial_back, visible_maddrs, wait_for_relayed_addrs
 from blockswarm.models import load_config, weights_fingerprint
 from blockswarm.models.naming import swarm_model_name
 from blockswarm.peer.announcer import Announcer, PeerProfile, check_record_bounds
@@ -47,6 +48,7 @@ class ServerOptions:
     port: int = 0
     announce_addrs: list[str] = field(default_factory=list)
     identity_path: str | None = None
+    relay: RelayMode = RelayMode.AUTO  # serve through circuit relays: when others cannot dial in (auto), always, never
     device: str = "auto"
     dtype: str = "auto"
     cache_tokens: int = 8192
@@ -97,6 +99,8 @@ class Server:
     def run(self) -> None:
         """Blocks until SIGINT/SIGTERM; the DHT process is forked before any torch threads start."""
         options = self.options
+        host_maddrs = [f"/ip4/{options.host}/tcp/{options.port}"]
+        self.using_relay = choose_relay(options.relay, options.initial_peers, host_maddrs, options.announce_addrs)
         node = start_dht(
             NodeRole.PEER,
             options.initial_peers,
@@ -105,6 +109,7 @@ class Server:
             port=options.port,
             announce_addrs=options.announce_addrs,
             identity_path=options.identity_path,
+            relay=self.using_relay,
         )
         try:
             self._compose(node)
@@ -151,6 +156,7 @@ class Server:
             public_name=options.public_name,
             training=options.train,
             balancing=options.balancing,
+            using_relay=self.using_relay,
         )
         self.announcer = Announcer(
             node, self.model_name, model_info, profile, options.update_period, options.throughput
@@ -203,8 +209,11 @@ class Server:
         self.lifecycle = Lifecycle(announce, self.options.grace_period)
         self.lifecycle.stop_on_signals()
         await handlers.register(p2p)
+        await serve_dial_back(p2p)
+        if self.using_relay:
+            await wait_for_relayed_addrs(p2p)
         await self._go_online()
-        maddrs = " ".join(str(a) for a in await p2p.get_visible_maddrs())
+        maddrs = " ".join(await visible_maddrs(p2p))
         print(
             f"blockswarm peer ready: model={self.model_name} blocks={self.span[0]}:{self.span[1]} "
             f"peer_id={node.dht.peer_id} maddrs={maddrs}",

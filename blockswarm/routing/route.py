@@ -2,10 +2,12 @@
 
 Inference (`min_latency_route`): the cheapest chain of hops by expected step time. Hidden states go from the
 client to the first peer, from each peer to the next (pushed directly, or relayed through the client), and from
-the last back to the client; a hop also costs a fixed per-hop overhead, the peer's compute time per block, and a
-large penalty where the peer's free KV cache cannot hold the session. The search is a shortest path over
-(boundary, last peer) states; since every edge moves forward in the block index, a single pass in block order
-(dynamic programming on a DAG) finds it in O(sum over blocks of the peers of a block times those of the next).
+the last back to the client; a hop also costs a fixed per-hop overhead, the peer's compute time per block, a penalty
+for a peer reached through a circuit relay (its traffic crosses a third machine, whose load and bandwidth the RTT
+does not show), and a large penalty where the peer's free KV cache cannot hold the session. The search is a
+shortest path over (boundary, last peer) states; since every edge moves forward in the block index, a single pass
+in block order (dynamic programming on a DAG) finds it in O(sum over blocks of the peers of a block times those of
+the next).
 
 Forward/backward (`wired_route`): SWARM stochastic wiring, see `StochasticWiring`.
 """
@@ -28,6 +30,7 @@ class LatencyModel:
     hop_overhead: float = 0.002  # serialization and scheduling per hop, measured on loopback
     unknown_block_time: float = 0.01  # seconds per block per step for peers that published no inference_rps
     no_cache_penalty: float = 100.0  # seconds: only used when no other peer can hold the session
+    relay_penalty: float = 0.1  # seconds per hop through a peer that announces using_relay
 
     def block_time(self, info: ServerInfo) -> float:
         """Seconds per block of a step of one more session on this peer.
@@ -88,6 +91,8 @@ def min_latency_route(
                 fixed = costs.hop_overhead + rng.random() * 1e-9  # random tie-break
                 if info.cache_tokens_left < cache_tokens_needed:
                     fixed += costs.no_cache_penalty
+                if info.using_relay:
+                    fixed += costs.relay_penalty
                 params = hop_costs[peer] = (fixed, costs.block_time(info))
             fixed, per_block = params
             if block == start:
