@@ -23,18 +23,19 @@ from blockswarm.wire.ping import request_status
 T = TypeVar("T")
 
 SUSPECT_FLOOR_S = 0.5  # never suspect a peer sooner than this into a step
-SUSPECT_FACTOR = 4.0  # suspect a step that takes this many times the slowest recent step of its kind
-PROBE_TIMEOUT_S = 1.0  # an `info` probe unanswered this long means the peer is hung or unreachable
+SUSPECT_FACTOR = 3.0  # suspect a step that takes this many times the slowest recent step of its kind
+# an `info` probe unanswered for twice the fastest recent step (at least one round trip), within these bounds, means
+# the peer is hung or unreachable: a loaded peer answers `info` in about a round trip
+PROBE_TIMEOUT_S = (0.5, 2.0)
 RECENT_STEPS = 16  # recent step durations remembered per kind
 
 
 class Liveness:
     """Watches the steps of one peer: how long recent ones took, and probes the peer when one takes too long."""
 
-    def __init__(self, p2p: P2P, peer_id: PeerID, probe_timeout: float = PROBE_TIMEOUT_S):
+    def __init__(self, p2p: P2P, peer_id: PeerID):
         self.p2p = p2p
         self.peer_id = peer_id
-        self.probe_timeout = probe_timeout
         self.probes = 0  # answered and unanswered, for tests and logs
         self._recent: dict[bool, deque[float]] = {True: deque(maxlen=RECENT_STEPS), False: deque(maxlen=RECENT_STEPS)}
 
@@ -42,6 +43,12 @@ class Liveness:
         """Seconds into a step (a decode step of one token, or a longer one) after which the peer is probed."""
         recent = self._recent[decode]
         return max(SUSPECT_FLOOR_S, SUSPECT_FACTOR * max(recent, default=0.0))
+
+    @property
+    def probe_timeout(self) -> float:
+        fastest = min((*self._recent[True], *self._recent[False]), default=0.0)
+        low, high = PROBE_TIMEOUT_S
+        return min(high, max(low, 2 * fastest))
 
     async def wait(self, reply: Awaitable[T], decode: bool, if_alive: Callable[[], None] | None = None) -> T:
         """`reply`'s result; PeerError as soon as the peer, asked while the reply is overdue, does not answer.
@@ -64,11 +71,12 @@ class Liveness:
 
     async def _probe(self, waited: float) -> None:
         self.probes += 1
+        timeout = self.probe_timeout
         try:
-            await request_status(self.p2p, self.peer_id, self.probe_timeout)
+            await request_status(self.p2p, self.peer_id, timeout)
         except Exception as e:  # no answer in time, a broken connection, a malformed reply: not serving
             raise PeerError(
                 self.peer_id,
-                f"no reply after {waited:.1f} s and no answer to `info` within {self.probe_timeout:g} s: hung or "
+                f"no reply after {waited:.1f} s and no answer to `info` within {timeout:.2f} s: hung or "
                 f"unreachable ({type(e).__name__})",
             ) from e
