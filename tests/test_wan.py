@@ -88,10 +88,15 @@ def test_push_saves_trips_across_the_wan(wan_swarm, tiny_model, expected):
     assert push_median < 4.5 * DELAY_S + COMPUTE_ALLOWANCE_S, pushed["step_seconds"]
 
 
-def test_a_stopped_peer_across_the_wan_is_replaced_in_about_a_second(wan_swarm, tiny_model, expected):
+@pytest.mark.parametrize("sig", ["SIGSTOP", "SIGKILL"])
+def test_a_failed_peer_across_the_wan_is_replaced_in_about_a_second(wan_swarm, tiny_model, expected, sig):
+    """The serving peer of the first span is stopped or killed before a decode step; its spare takes over."""
     swarm = wan_swarm[0]
+    live = [p for p in swarm.processes if p.span == (0, 3) and p.popen.poll() is None]
+    if len(live) < 2:  # a peer killed by an earlier case: a new spare
+        swarm.start_peer("--blocks", "0:3")
     try:
-        result = run_client(wan_swarm, tiny_model, "--stop-at", "6")
+        result = run_client(wan_swarm, tiny_model, "--signal-at", "6", "--signal", sig)
     finally:
         for process in swarm.processes:
             process.signal(signal.SIGCONT)
