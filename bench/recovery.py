@@ -43,8 +43,7 @@ def main() -> None:
     stalls, steady, matches = [], [], []
     with LocalSwarm(model_dir, work / "logs") as swarm:
         swarm.start_bootstrap()
-        for process in [swarm.start_peer("--blocks", span, wait=False) for span in SPANS]:
-            swarm.wait_peer(process)
+        swarm.start_peers(SPANS)
         with DistributedModelForCausalLM.from_pretrained(model_dir, swarm.initial_peers, step_timeout=10) as model:
             expected, _ = generate_with_interruptions(model, prompt, args.new_tokens, {})
             for _ in range(args.kills):

@@ -157,8 +157,7 @@ def on_wan(preset: str, work: Path, measure_cells, spare_first_span: bool = Fals
     with EmulatedWan() as wan, LocalSwarm(model_dir, work / f"logs-{preset}", wan=wan) as swarm:
         swarm.start_bootstrap()
         peer_spans = spans(num_blocks, 3) + (spans(num_blocks, 3)[:1] if spare_first_span else [])
-        for process in [swarm.start_peer("--blocks", span, wait=False) for span in peer_spans]:
-            swarm.wait_peer(process)
+        swarm.start_peers(peer_spans)
         client = ClientProcess(wan, swarm, model_dir, work / f"logs-{preset}" / "client.log")
         try:
             return model_dir, measure_cells(wan, swarm, client)

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,6 +105,10 @@ class LocalSwarm:
         if wait:
             self.wait_peer(process)
         return process
+
+    def start_peers(self, spans: Sequence[str]) -> list[LocalProcess]:
+        """One peer per span ("START:END"), started together; returns them once all are ready."""
+        return [self.wait_peer(process) for process in [self.start_peer("--blocks", s, wait=False) for s in spans]]
 
     def start_monitor(self, port: int = 0, period: float = 5.0) -> str:
         """Start `blockswarm monitor` on this host; returns the URL of its page."""

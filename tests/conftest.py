@@ -20,7 +20,5 @@ def swarm(tiny_model, tmp_path_factory):
     """A bootstrap node and three peers on loopback, shared by every test that only reads from it."""
     with LocalSwarm(tiny_model, tmp_path_factory.mktemp("swarm")) as swarm:
         swarm.start_bootstrap()
-        peers = [swarm.start_peer("--blocks", span, wait=False) for span in SWARM_SPANS]
-        for peer in peers:
-            swarm.wait_peer(peer)
+        swarm.start_peers(SWARM_SPANS)
         yield swarm

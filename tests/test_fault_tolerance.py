@@ -24,8 +24,7 @@ NEW_TOKENS = 64
 def redundant_swarm(tiny_model, tmp_path_factory):
     with LocalSwarm(tiny_model, tmp_path_factory.mktemp("redundant")) as swarm:
         swarm.start_bootstrap()
-        for process in [swarm.start_peer("--blocks", span, wait=False) for span in REDUNDANT_SPANS]:
-            swarm.wait_peer(process)
+        swarm.start_peers(REDUNDANT_SPANS)
         yield swarm
 
 
@@ -40,8 +39,7 @@ def swarm(redundant_swarm):
         span = f"{process.span[0]}:{process.span[1]}"
         if span in missing:
             missing.remove(span)
-    for process in [redundant_swarm.start_peer("--blocks", span, wait=False) for span in missing]:
-        redundant_swarm.wait_peer(process)
+    redundant_swarm.start_peers(missing)
     return redundant_swarm
 
 

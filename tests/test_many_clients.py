@@ -56,9 +56,7 @@ class BusyReplies:
 def two_peer_swarm(tiny_model, tmp_path_factory):
     with LocalSwarm(tiny_model, tmp_path_factory.mktemp("two-peers")) as swarm:
         swarm.start_bootstrap()
-        peers = [swarm.start_peer("--blocks", span, wait=False) for span in ("0:4", "4:8")]
-        for peer in peers:
-            swarm.wait_peer(peer)
+        swarm.start_peers(["0:4", "4:8"])
         yield swarm
 
 

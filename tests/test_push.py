@@ -27,8 +27,7 @@ HIDDEN = 256  # tiny preset
 def push_swarm(tiny_model, tmp_path_factory):
     with LocalSwarm(tiny_model, tmp_path_factory.mktemp("push")) as swarm:
         swarm.start_bootstrap()
-        for process in [swarm.start_peer("--blocks", span, wait=False) for span in SPANS]:
-            swarm.wait_peer(process)
+        swarm.start_peers(SPANS)
         yield swarm
 
 

@@ -33,8 +33,7 @@ def wan_swarm(tiny_model, tmp_path_factory):
         LocalSwarm(tiny_model, tmp_path_factory.mktemp("wan"), wan=wan) as swarm,
     ):
         swarm.start_bootstrap()
-        for process in [swarm.start_peer("--blocks", span, wait=False) for span in SPANS]:
-            swarm.wait_peer(process)
+        swarm.start_peers(SPANS)
         yield swarm, wan, wan.add_host("client")
 
 
