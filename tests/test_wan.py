@@ -3,12 +3,14 @@ on a host of its own, 20 ms one way between any two hosts; and a peer behind NAT
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,15 +28,19 @@ NEW_TOKENS = 16
 COMPUTE_ALLOWANCE_S = 0.020  # three tiny spans' compute and the client's work per step on 2 busy cores
 
 
+@contextlib.contextmanager
+def swarm_on_wan(tiny_model: str, work_dir, start_peers: Callable[[LocalSwarm], None]):
+    """A bootstrap node, the peers `start_peers` starts, and a host for the client, each on a host of its own."""
+    with EmulatedWan(delay_ms=DELAY_S * 1e3) as wan, LocalSwarm(tiny_model, work_dir, wan=wan) as swarm:
+        swarm.start_bootstrap()
+        start_peers(swarm)
+        yield swarm, wan, wan.add_host("client")
+
+
 @pytest.fixture(scope="module")
 def wan_swarm(tiny_model, tmp_path_factory):
-    with (
-        EmulatedWan(delay_ms=DELAY_S * 1e3) as wan,
-        LocalSwarm(tiny_model, tmp_path_factory.mktemp("wan"), wan=wan) as swarm,
-    ):
-        swarm.start_bootstrap()
-        swarm.start_peers(SPANS)
-        yield swarm, wan, wan.add_host("client")
+    with swarm_on_wan(tiny_model, tmp_path_factory.mktemp("wan"), lambda swarm: swarm.start_peers(SPANS)) as hosts:
+        yield hosts
 
 
 @pytest.fixture(scope="module")
@@ -48,15 +54,14 @@ def expected(tiny_model) -> list[int]:
 @pytest.fixture(scope="module")
 def nat_swarm(tiny_model, tmp_path_factory):
     """A direct peer for blocks 0:4 and a NATed one (inbound connections dropped) for 4:8."""
-    with (
-        EmulatedWan(delay_ms=DELAY_S * 1e3) as wan,
-        LocalSwarm(tiny_model, tmp_path_factory.mktemp("nat"), wan=wan) as swarm,
-    ):
-        swarm.start_bootstrap()
+
+    def start_peers(swarm: LocalSwarm) -> None:
         direct = swarm.start_peer("--blocks", "0:4", wait=False)
         for process in (direct, swarm.start_peer("--blocks", "4:8", nat=True, wait=False)):
             swarm.wait_peer(process)
-        yield swarm, wan, wan.add_host("client")
+
+    with swarm_on_wan(tiny_model, tmp_path_factory.mktemp("nat"), start_peers) as hosts:
+        yield hosts
 
 
 def run_client(wan_swarm, tiny_model, *options: str) -> dict:
