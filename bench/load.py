@@ -50,6 +50,9 @@ from blockswarm.local_swarm import LocalSwarm  # noqa: E402
 from blockswarm.models import load_config  # noqa: E402
 from blockswarm.models.random_init import init_random_model  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).parent))
+from generate import timed  # noqa: E402
+
 PROMPT_LENGTH = 16
 WARMUP_TOKENS = 4
 START_DELAY_S = 0.5  # how far ahead of "now" the common start time is set, so every client is waiting for it
@@ -95,14 +98,8 @@ def timed_generation(model, prompt: torch.Tensor, new_tokens: int) -> tuple[list
     """Greedy tokens of a fresh session, and the seconds of each remote step (the prefill first)."""
     step_seconds: list[float] = []
     with model.inference_session(max_length=prompt.shape[1] + new_tokens) as session:
-
-        def timed_step(hidden: torch.Tensor) -> torch.Tensor:
-            began = time.perf_counter()
-            out = session.step(hidden)
-            step_seconds.append(time.perf_counter() - began)
-            return out
-
-        token_ids = generate_tokens(model, timed_step, prompt, prompt, new_tokens, SamplingParams())
+        step = timed(session.step, step_seconds)
+        token_ids = generate_tokens(model, step, prompt, prompt, new_tokens, SamplingParams())
     return token_ids[0, prompt.shape[1] :].tolist(), step_seconds
 
 

@@ -20,8 +20,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads, as `b
 import argparse  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -34,6 +34,9 @@ from blockswarm.models import load_config  # noqa: E402
 from blockswarm.models.random_init import init_random_model  # noqa: E402
 from blockswarm.routing.route import LatencyModel  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).parent))
+from generate import timed  # noqa: E402
+
 PROMPT = torch.randint(3, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
 
 
@@ -41,14 +44,7 @@ def steps_per_second(model, new_tokens: int) -> float:
     """Single-token steps per second of one greedy generation in a fresh session (prefill excluded)."""
     times: list[float] = []
     with model.inference_session(max_length=PROMPT.shape[1] + new_tokens) as session:
-
-        def step(hidden: torch.Tensor) -> torch.Tensor:
-            began = time.perf_counter()
-            out = session.step(hidden)
-            times.append(time.perf_counter() - began)
-            return out
-
-        generate_tokens(model, step, PROMPT, PROMPT, new_tokens, SamplingParams())
+        generate_tokens(model, timed(session.step, times), PROMPT, PROMPT, new_tokens, SamplingParams())
     return (len(times) - 1) / sum(times[1:])
 
 

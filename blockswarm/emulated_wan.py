@@ -55,7 +55,6 @@ class EmulatedWan:
     def __init__(self, delay_ms: float = 0.0, bandwidth_mbit: float | None = None):
         if os.geteuid() != 0:
             raise PermissionError("the emulated WAN creates network namespaces and TUN devices: run it as root")
-        self.default_delay_ms = delay_ms
         self.default_bandwidth_mbit = bandwidth_mbit
         self.hosts: dict[str, WanHost] = {}
         # names of namespaces and devices (at most 15 characters): unique per process and per WAN within it

@@ -26,7 +26,13 @@ class Admission:
         self.scheduler = scheduler
         self.adapter_bytes = 0  # decoded adapter bytes held by running requests and open sessions
         self.receiving_bytes = 0  # tensor bytes of the frames requests receive or hold
-        self._streams = CallerCounts()
+        self._streams = CallerCounts(
+            limits.max_streams_per_peer,
+            limits.max_streams,
+            "{count} streams from your peer id are open here, the limit is {limit}",
+            "this peer serves its limit of {limit} streams",
+            limits.busy_retry_after,
+        )
         self.leaving = asyncio.get_running_loop().create_future()  # done once the peer refuses new work
 
     @property
@@ -37,15 +43,6 @@ class Admission:
     @contextlib.contextmanager
     def stream(self, remote: object) -> Iterator[None]:
         """Count a stream from `remote` while it is open; PeerBusy at once when a cap is reached."""
-        limits = self.limits
-        if self._streams.of(remote) >= limits.max_streams_per_peer:
-            raise PeerBusy(
-                f"{self._streams.of(remote)} streams from your peer id are open here, the limit is "
-                f"{limits.max_streams_per_peer}",
-                limits.busy_retry_after,
-            )
-        if self._streams.total >= limits.max_streams:
-            raise PeerBusy(f"this peer serves its limit of {limits.max_streams} streams", limits.busy_retry_after)
         with self._streams.holding(remote):
             yield
 

@@ -20,7 +20,7 @@ from blockswarm.peer.admission import Admission, PeerLeaving
 from blockswarm.peer.backend import BlockBackend, DecodeStep
 from blockswarm.peer.cache import CacheFullError, CachePool
 from blockswarm.peer.limits import RequestError, ServingLimits
-from blockswarm.peer.push import Pusher, PushInbox, digest
+from blockswarm.peer.push import Pusher, PushInbox
 from blockswarm.peer.request_checks import (
     check_codec,
     check_session,
@@ -44,6 +44,7 @@ from blockswarm.wire.messages import (
     PeerStatus,
     PushStep,
     StepReply,
+    payload_digest,
 )
 from blockswarm.wire.serving import add_stream_handler, drain
 from blockswarm.wire.trainer_auth import is_valid_train_proof
@@ -170,7 +171,7 @@ class RequestHandlers:
             if isinstance(frame.meta, PushStep):
                 if frame.meta.position != length:
                     continue  # the client relayed this step already (its push was reported failed) or it is stale
-                input_digest = digest(frame.payloads[0])
+                input_digest = payload_digest(frame.payloads[0])
             with self.scheduler.admit(context.remote_id):
                 output = await self._step(session, frame, length, caches, adapter, rhythm)
             length = frame.meta.position + output.shape[1]

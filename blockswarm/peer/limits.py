@@ -19,19 +19,24 @@ class RequestError(ValueError):
 
 
 class CallerCounts:
-    """How many of something (streams, requests) each caller holds and all callers together: what the per-caller
-    and total caps compare with."""
+    """How many of something (streams, requests) each caller holds and all callers together, under a per-caller and
+    a total cap. `over_caller` and `over_total` say why a caller is turned away, from `{count}` and `{limit}`."""
 
-    def __init__(self) -> None:
+    def __init__(self, per_caller: int, total: int, over_caller: str, over_total: str, retry_after: float) -> None:
+        self.per_caller, self.cap, self.retry_after = per_caller, total, retry_after
+        self.over_caller, self.over_total = over_caller, over_total
         self.total = 0
         self._per_caller: Counter = Counter()
 
-    def of(self, remote: object) -> int:
-        return self._per_caller[remote]
-
     @contextlib.contextmanager
     def holding(self, remote: object) -> Iterator[None]:
-        """Count one more for `remote` while the block runs."""
+        """Count one more for `remote` while the block runs; PeerBusy at once when that would pass a cap."""
+        if self._per_caller[remote] >= self.per_caller:
+            raise PeerBusy(
+                self.over_caller.format(count=self._per_caller[remote], limit=self.per_caller), self.retry_after
+            )
+        if self.total >= self.cap:
+            raise PeerBusy(self.over_total.format(count=self.total, limit=self.cap), self.retry_after)
         self._per_caller[remote] += 1
         self.total += 1
         try:

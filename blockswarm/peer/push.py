@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -25,11 +24,6 @@ from blockswarm.wire.transport import Frame, WireError, WireStream
 PUSH_TIMEOUT_S = 2.0  # a push not acknowledged this fast is reported failed, and the client relays the step
 SESSION_WAIT_S = 5.0  # a push may arrive just before its session's OpenSession has been read: wait this long for it
 MAX_ACK_BYTES = 0
-
-
-def digest(payload: bytes) -> str:
-    """What a receiving peer reports of a pushed input, and the client compares with what it received."""
-    return hashlib.sha256(payload).hexdigest()
 
 
 @dataclass

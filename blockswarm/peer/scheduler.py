@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from blockswarm.peer.backend import BlockBackend, DecodeStep
-from blockswarm.peer.limits import CallerCounts, PeerBusy, RequestError, ServingLimits
+from blockswarm.peer.limits import CallerCounts, RequestError, ServingLimits
 from blockswarm.peer.scheduled_work import DecodingSession, QueuedJob, QueuedStep, settle_from, step_args
 
 MAX_JOB_WAIT_TICKS = 4  # ticks a forward/backward job may be passed over for decode steps and prefills
@@ -43,7 +43,13 @@ class Scheduler:
     def __init__(self, limits: ServingLimits):
         self.limits = limits
         self.ticks = 0
-        self._admitted = CallerCounts()  # requests waiting for compute or computing
+        self._admitted = CallerCounts(  # requests waiting for compute or computing
+            limits.max_compute_queue_per_peer,
+            limits.max_compute_queue,
+            "{count} requests from your peer id wait for compute here, the limit is {limit}",
+            "{count} requests wait for compute here, the limit is {limit}",
+            limits.busy_retry_after,
+        )
         self._decodes: list[QueuedStep] = []
         self._prefills: deque[QueuedStep] = deque()
         self._jobs: deque[QueuedJob] = deque()
@@ -58,18 +64,6 @@ class Scheduler:
     def admit(self, remote: object) -> Iterator[None]:
         """Count a request of `remote` from when it waits for compute until it is done; PeerBusy at once when the
         queue is full (one thread computes: a longer queue only makes every caller wait)."""
-        limits = self.limits
-        if self._admitted.of(remote) >= limits.max_compute_queue_per_peer:
-            raise PeerBusy(
-                f"{self._admitted.of(remote)} requests from your peer id wait for compute here, the limit is "
-                f"{limits.max_compute_queue_per_peer}",
-                limits.busy_retry_after,
-            )
-        if self._admitted.total >= limits.max_compute_queue:
-            raise PeerBusy(
-                f"{self._admitted.total} requests wait for compute here, the limit is {limits.max_compute_queue}",
-                limits.busy_retry_after,
-            )
         with self._admitted.holding(remote):
             yield
 

@@ -24,9 +24,10 @@ from hivemind.p2p import P2P, PeerID
 from blockswarm.compression.codecs import decode_tensor, encode_tensor
 from blockswarm.pipeline.hops import Hop, PeerError, Router
 from blockswarm.pipeline.retry import RetryPolicy, retry
-from blockswarm.pipeline.span_session import Push, SpanReply, SpanSession, payload_digest
+from blockswarm.pipeline.span_session import Push, SpanReply, SpanSession
 from blockswarm.pipeline.verification import LieDetected, Verifier
 from blockswarm.wire.adapters import AdapterTensors
+from blockswarm.wire.messages import payload_digest
 
 REPLAY_CHUNK_TOKENS = 1024  # replayed history goes out in steps of at most this many tokens (x batch)
 
@@ -80,15 +81,15 @@ class InferenceSession:
                 f"session max_length {self.max_length} exceeded: it holds {self.position} tokens, "
                 f"{seq_len} more requested; open the session with a larger max_length"
             )
-        dtype, position = hidden.dtype, self.position
+        dtype, position, decode = hidden.dtype, self.position, seq_len == 1
         index, inputs, pushed_in, pushed_payload = 0, hidden, False, b""
         while index < len(self.spans):
             span = self.spans[index]
             try:
                 if not self.router.is_usable(span.hop.peer_id):
                     raise PeerError(span.hop.peer_id, "announced it is leaving or was banned")
-                if pushed_in:  # the very bytes pushed, should the client have to relay them (a lost push)
-                    receiving = span.receive(position, *self._wait(seq_len), relay=lambda p=pushed_payload: p)
+                if pushed_in:  # with the very bytes pushed, should the client have to relay them (a lost push)
+                    receiving = span.receive(position, self.step_timeout, decode, pushed=pushed_payload)
                     reply = await self._checked(span, seq_len, receiving)
                     if reply.input_digest is None:  # relayed after all
                         self.relayed_inputs += 1
@@ -100,7 +101,7 @@ class InferenceSession:
                     payload = encode_tensor(inputs, span.codec.name)
                     self._record(span.hop.start, inputs if span.codec.lossless else decode_tensor(payload), position)
                     span.send(payload, position)
-                    reply = await self._checked(span, seq_len, span.receive(position, *self._wait(seq_len)))
+                    reply = await self._checked(span, seq_len, span.receive(position, self.step_timeout, decode))
                     self.relayed_inputs += index > 0
                 inputs, pushed_in = reply.output, self._pushed_on(index, reply)
                 if pushed_in:
@@ -115,9 +116,6 @@ class InferenceSession:
                 index, pushed_in = failed, False
         self.position += seq_len
         return inputs.to(dtype)
-
-    def _wait(self, seq_len: int) -> tuple[float, bool]:
-        return self.step_timeout, seq_len == 1
 
     def _pushed_on(self, index: int, reply: SpanReply) -> bool:
         """Whether the span after `index` got this step's input from its peer: then the client does not relay it."""

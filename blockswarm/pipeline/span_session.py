@@ -9,9 +9,7 @@ peer answers `info` is relayed too (its push may have been lost after the previo
 
 from __future__ import annotations
 
-import hashlib
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,11 +21,6 @@ from blockswarm.pipeline.liveness import Liveness
 from blockswarm.pipeline.streams import PeerStream
 from blockswarm.wire.adapters import AdapterTensors, adapter_payloads
 from blockswarm.wire.messages import INFERENCE_RPC, InferenceStep, OpenSession, StepReply
-
-
-def payload_digest(payload: bytes) -> str:
-    """The digest a peer reports of a pushed input (the peer's peer/push.py computes the same)."""
-    return hashlib.sha256(payload).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -98,18 +91,16 @@ class SpanSession:
         """Relay one encoded tensor of hidden states at `position` to the peer."""
         self.stream.send(InferenceStep(session_id=self.session_id, position=position), [payload])
 
-    async def receive(
-        self, position: int, timeout: float, decode: bool, relay: Callable[[], bytes] | None = None
-    ) -> SpanReply:
-        """The reply to the step at `position` (`decode`: one token per row). Without `relay`, the client sent this
-        step, so a reply to a push of it is stale. With it, the step was pushed here: if the reply is overdue while
-        the peer is alive (the push was lost), the client relays the step (`relay()` gives its payload) and waits
-        for that. A hung peer fails in about a second (pipeline/liveness.py)."""
-        relayed = relay is None
+    async def receive(self, position: int, timeout: float, decode: bool, pushed: bytes | None = None) -> SpanReply:
+        """The reply to the step at `position` (`decode`: one token per row). Without `pushed`, the client sent this
+        step, so a reply to a push of it is stale. With it (the payload pushed here), if the reply is overdue while
+        the peer is alive (the push was lost), the client relays that payload and waits for the reply to it. A hung
+        peer fails in about a second (pipeline/liveness.py)."""
+        relayed = pushed is None
 
         def relay_now() -> None:
             nonlocal relayed
-            self.send(relay(), position)
+            self.send(pushed, position)
             relayed = True
 
         while True:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from blockswarm.models.adapters import check_lora_targets, lora_scaling
@@ -92,6 +94,11 @@ class ChainRequest(Message):
     adapter: AdapterSpec | None = None
     train: bool = False
     train_proof: str = Field(default="", max_length=128)  # with `train`: see wire/trainer_auth.py
+
+
+def payload_digest(payload: bytes) -> str:
+    """`StepReply.input_digest` of a pushed input: what the receiving peer reports and the client checks."""
+    return hashlib.sha256(payload).hexdigest()
 
 
 class StepReply(Message):
