@@ -1,5 +1,6 @@
 """The user API: DistributedModelForCausalLM, generate, inference sessions, gradients through the swarm."""
 
-from blockswarm.client.model import DistributedModelForCausalLM, GenerationSession
+from blockswarm.client.model import DistributedModelForCausalLM
+from blockswarm.client.session import GenerationSession
 
 __all__ = ["DistributedModelForCausalLM", "GenerationSession"]

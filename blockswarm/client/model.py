@@ -2,74 +2,39 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from blockswarm.client.generation import generate_tokens
+from blockswarm.client.constraints import Grammars
+from blockswarm.client.generation import LogitsProcessor, TokenStep, token_steps
 from blockswarm.client.remote_blocks import RemoteBlocks
 from blockswarm.client.sampling import SamplingParams
+from blockswarm.client.session import GenerationSession
 from blockswarm.client.tuning import Adapters, TuningConfig
 from blockswarm.dht import get_models
 from blockswarm.models import ModelConfig, load_config, load_ends, weights_fingerprint
 from blockswarm.models.naming import swarm_model_name
-from blockswarm.pipeline.inference import InferenceSession
 from blockswarm.pipeline.retry import RetryPolicy
 from blockswarm.pipeline.verification import LieReport
 
 
-class GenerationSession:
-    """KV caches kept on the peers across `generate` calls; tracks every token the session has seen.
-
-    Use through `with model.inference_session(max_length=N) as session:`.
-    """
-
-    def __init__(self, model: DistributedModelForCausalLM, max_length: int, batch_size: int):
-        self.model = model
-        self.max_length = max_length
-        self.batch_size = batch_size
-        self.token_ids = torch.empty(batch_size, 0, dtype=torch.long)
-        self.pending_ids = torch.empty(batch_size, 0, dtype=torch.long)
-        self._remote: InferenceSession | None = None
-
-    @property
-    def position(self) -> int:
-        """Tokens the peers have processed."""
-        return self.token_ids.shape[1] - self.pending_ids.shape[1]
-
-    def step(self, hidden: torch.Tensor) -> torch.Tensor:
-        adapters = self.model.adapters
-        if self._remote is not None:
-            return self.model.remote.step(self._remote, hidden)
-        # the first step opens the session, with the soft prompt's positions before the first token
-        prompt_len = 0 if adapters is None else adapters.tuning.prompt_len
-        adapter = None if adapters is None or adapters.spec is None else adapters.wire(adapters.remote_tensors())
-        self._remote = self.model.remote.open_session(self.max_length + prompt_len, self.batch_size, adapter)
-        if adapters is not None:
-            hidden = adapters.prepend_prompt(hidden)
-        return self.model.remote.step(self._remote, hidden)[:, prompt_len:]
-
-    def close(self) -> None:
-        if self._remote is not None:
-            self.model.remote.close_session(self._remote)
-            self._remote = None
-
-    def __enter__(self) -> GenerationSession:
-        if self.model.active_session is not None:
-            raise RuntimeError("an inference session is already active on this model; close it first")
-        self.model.active_session = self
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.model.active_session = None
-        self.close()
-
-
 class DistributedModelForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig, ends: nn.Module, remote: RemoteBlocks, adapters: Adapters | None = None):
+    def __init__(
+        self,
+        config: ModelConfig,
+        ends: nn.Module,
+        remote: RemoteBlocks,
+        adapters: Adapters | None = None,
+        name_or_path: str | Path | None = None,
+    ):
         super().__init__()
         self.config = config
+        self.name_or_path = name_or_path  # where the tokenizer is
+        self._tokenizer = None
+        self._grammars: Grammars | None = None
         self.ends = ends
         self.remote = remote
         self.adapters = adapters  # the client's trainable parameters; the only ones: ends and peers stay frozen
@@ -144,7 +109,7 @@ class DistributedModelForCausalLM(nn.Module):
                 f"({config.family}, {config.num_blocks} blocks, config {config.fingerprint()}): "
                 "load the checkpoint the peers serve, or pass the right model_name"
             )
-        return cls(config, ends, remote, None if tuning is None else Adapters(tuning, config))
+        return cls(config, ends, remote, None if tuning is None else Adapters(tuning, config), name_or_path)
 
     @property
     def lie_reports(self) -> list[LieReport]:
@@ -180,43 +145,79 @@ class DistributedModelForCausalLM(nn.Module):
     def inference_session(self, max_length: int, batch_size: int = 1) -> GenerationSession:
         return GenerationSession(self, max_length, batch_size)
 
+    @property
+    def tokenizer(self):
+        """The checkpoint's tokenizer, loaded on first use (structured output needs it)."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.name_or_path)
+        return self._tokenizer
+
+    @property
+    def grammars(self) -> Grammars:
+        """Compiles structured-output constraints for this model's tokenizer (see `client/constraints.py`)."""
+        if self._grammars is None:
+            self._grammars = Grammars(self.tokenizer, self.config.vocab_size)
+        return self._grammars
+
     def generate(
         self,
         input_ids: torch.LongTensor | None = None,
         max_new_tokens: int = 20,
         *,
+        attention_mask: torch.Tensor | None = None,
+        session: GenerationSession | None = None,
+        **options,
+    ) -> torch.LongTensor:
+        """Like Hugging Face `generate`. Inside an inference session, `input_ids` are tokens to append after
+        everything the session has seen (None: just continue), and the result is the session's whole sequence.
+        `options` are those of `stream`."""
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("padded batches are not supported: pass sequences of equal length without padding")
+        session = session or self.active_session
+        if session is None:
+            if input_ids is None:
+                raise ValueError("input_ids are required outside an inference session")
+            with self.inference_session(input_ids.shape[1] + max_new_tokens, input_ids.shape[0]) as temporary:
+                return self.generate(input_ids, max_new_tokens, session=temporary, **options)
+        for _ in self.stream(input_ids, max_new_tokens, session=session, **options):
+            pass
+        return session.token_ids.clone()
+
+    def stream(
+        self,
+        input_ids: torch.LongTensor | None,
+        max_new_tokens: int,
+        *,
+        session: GenerationSession,
         do_sample: bool = False,
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
         repetition_penalty: float = 1.0,
         eos_token_id: int | None = None,
-        attention_mask: torch.Tensor | None = None,
-        session: GenerationSession | None = None,
-    ) -> torch.LongTensor:
-        """Like Hugging Face `generate`. Inside an inference session, `input_ids` are tokens to append after
-        everything the session has seen (None: just continue), and the result is the session's whole sequence."""
+        seed: int | None = None,
+        logits_processor: Sequence[LogitsProcessor] = (),
+        json_schema: dict | str | None = None,
+        regex: str | None = None,
+        grammar: str | None = None,
+    ) -> Iterator[TokenStep]:
+        """Yields every generated position of `session` as it comes; stop iterating to stop generating.
+
+        `seed` makes sampling reproducible (its own generator, whatever else runs). `logits_processor`: Hugging
+        Face-style `(token_ids, scores) -> scores` callables, applied in order before sampling. `json_schema`
+        (a dict or JSON text), `regex` or `grammar` (EBNF, rule `root`) constrain the output: it always matches,
+        ending with EOS (`eos_token_id`, by default the tokenizer's), unless `max_new_tokens` cuts it first.
+        """
         params = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty)
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("padded batches are not supported: pass sequences of equal length without padding")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        session = session or self.active_session
-        if session is None:
-            if input_ids is None:
-                raise ValueError("input_ids are required outside an inference session")
-            with self.inference_session(input_ids.shape[1] + max_new_tokens, input_ids.shape[0]) as temporary:
-                return self._generate_in(temporary, input_ids, max_new_tokens, params, eos_token_id)
-        return self._generate_in(session, input_ids, max_new_tokens, params, eos_token_id)
-
-    def _generate_in(
-        self,
-        session: GenerationSession,
-        input_ids: torch.LongTensor | None,
-        max_new_tokens: int,
-        params: SamplingParams,
-        eos_token_id: int | None,
-    ) -> torch.LongTensor:
+        processors = list(logits_processor)
+        if json_schema is not None or regex is not None or grammar is not None:
+            compiled = self.grammars.compile(json_schema=json_schema, regex=regex, grammar=grammar)
+            processors.append(self.grammars.constraint(compiled, session.batch_size))
+            eos_token_id = self.grammars.eos_token_id if eos_token_id is None else eos_token_id
         if input_ids is not None:
             input_ids = torch.as_tensor(input_ids, dtype=torch.long)
             if input_ids.dim() != 2 or input_ids.shape[0] != session.batch_size:
@@ -233,7 +234,8 @@ class DistributedModelForCausalLM(nn.Module):
                 f"generating {max_new_tokens} tokens needs a session of max_length >= {needed}, "
                 f"this one has {session.max_length}"
             )
-        token_ids = generate_tokens(
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        steps = token_steps(
             self,
             session.step,
             session.token_ids,
@@ -241,9 +243,12 @@ class DistributedModelForCausalLM(nn.Module):
             max_new_tokens,
             params,
             eos_token_id,
+            processors,
+            generator,
         )
-        session.token_ids, session.pending_ids = token_ids, token_ids[:, -1:]
-        return token_ids.clone()
+        for step in steps:
+            session.token_ids, session.pending_ids = step.token_ids, step.token_ids[:, -1:]
+            yield step
 
     def close(self) -> None:
         self.remote.shutdown()

@@ -26,8 +26,11 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
 
 
-def next_tokens(logits: torch.Tensor, seen_ids: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """logits [batch, vocab] of the last position, seen_ids [batch, n] -> token ids [batch]."""
+def next_tokens(
+    logits: torch.Tensor, seen_ids: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """logits [batch, vocab] of the last position, seen_ids [batch, n] -> token ids [batch]; sampling draws from
+    `generator` (a seeded one makes it reproducible), else from torch's global generator."""
     logits = logits.float()
     if params.repetition_penalty != 1.0 and seen_ids.numel():
         seen = torch.gather(logits, 1, seen_ids)
@@ -45,4 +48,4 @@ def next_tokens(logits: torch.Tensor, seen_ids: torch.Tensor, params: SamplingPa
         drop_sorted = cumulative <= 1 - params.top_p
         drop_sorted[:, -1] = False  # always keep the most likely token
         logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), -float("inf"))
-    return torch.multinomial(logits.softmax(dim=-1), num_samples=1).squeeze(-1)
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator).squeeze(-1)

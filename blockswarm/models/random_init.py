@@ -70,7 +70,8 @@ def init_random_model(
     max_shard_size: str | None = None,
     initializer_range: float = INITIALIZER_RANGE,
 ) -> Path:
-    """Write a random `family` model of size `preset` and a byte-level BPE tokenizer to `out_dir`; return it.
+    """Write a random `family` model of size `preset` and a byte-level BPE tokenizer (with a chat template) to
+    `out_dir`; return it.
 
     The same (preset, family, seed) always gives the same weights. `max_shard_size` (e.g. "2MB") splits the
     weights into several safetensors shards with an index. `initializer_range` is the std of the random weights
@@ -148,7 +149,15 @@ def _make_tokenizer(vocab_size: int, max_length: int):
         eos_token="</s>",
         pad_token="<pad>",
         model_max_length=max_length,
+        chat_template=CHAT_TEMPLATE,
     )
+
+
+# Zephyr's layout: each message after its role's tag and closed by EOS, so a chat answer ends where the model says EOS.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 
 
 _CORPUS = """\
