@@ -6,6 +6,7 @@ system picked (tests and `LocalSwarm` use that).
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 import time
@@ -33,8 +34,17 @@ class WebServer:
         return f"http://{shown}:{port}/"
 
     def serve_forever(self) -> None:
-        """Serve in this thread until SIGINT/SIGTERM (when this is the main thread) or `stop()`."""
+        """Serve in this thread until SIGINT/SIGTERM (when this is the main thread) or `stop()`, then return."""
+        if threading.current_thread() is threading.main_thread():
+            # uvicorn stops on these signals, then re-raises them to the handlers it found: Python's defaults would
+            # kill the process (SIGTERM) or raise KeyboardInterrupt (SIGINT) before the caller could clean up.
+            # Installed before serving, they also cover a signal that comes before uvicorn's own handlers are in.
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, self._stop_serving)
         self.server.run(sockets=[self.socket])
+
+    def _stop_serving(self, *_) -> None:
+        self.server.should_exit = True
 
     def start_in_thread(self, timeout: float = 30.0) -> None:
         """Serve from a daemon thread; returns once the server accepts connections."""

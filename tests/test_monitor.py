@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -20,6 +19,7 @@ from hivemind.dht import DHT
 from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from blockswarm.dht import (
@@ -33,9 +33,9 @@ from blockswarm.dht import (
 )
 from blockswarm.local_swarm import LocalSwarm
 from blockswarm.monitor import start_monitor
-from blockswarm.monitor.metrics import render_metrics
+from blockswarm.monitor.metrics import metrics_registry
 from blockswarm.monitor.page import render_page
-from blockswarm.monitor.state import Reachability, Snapshot, model_state
+from blockswarm.monitor.state import History, Reachability, Snapshot, model_state
 
 PERIOD = 1.0
 INFO_TIMEOUT = 2.0
@@ -55,7 +55,7 @@ def monitored(tiny_model, tmp_path_factory):
         for peer in peers:
             swarm.wait_peer(peer)
         monitor = start_monitor(swarm.initial_peers, "127.0.0.1", 0, period=PERIOD, info_timeout=INFO_TIMEOUT)
-        threading.Thread(target=monitor.serve_forever, daemon=True).start()
+        monitor.web.start_in_thread()
         try:
             wait_for_state(monitor.url, lambda s: sum(p["reachable"] is True for p in all_peers(s)) == 3)
             yield swarm, monitor
@@ -104,9 +104,18 @@ def by_name(swarm: LocalSwarm, name: str):
     return next(process for process in swarm.processes if process.name == name)
 
 
+def metric_families(snapshot: Snapshot | None) -> dict:
+    """What `/metrics` would serve with `snapshot` as the latest crawl (None: before the first one)."""
+    history = History()
+    if snapshot is not None:
+        history.add(snapshot)
+    text = generate_latest(metrics_registry(history)).decode()
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
 def test_before_the_first_crawl_page_and_metrics_render():
     assert "first crawl" in render_page(None, {}, period=30)
-    families = {family.name: family for family in text_string_to_metric_families(render_metrics(None))}
+    families = metric_families(None)
     assert "blockswarm_blocks_covered" in families and not families["blockswarm_blocks_covered"].samples
 
 
@@ -326,7 +335,7 @@ def test_announced_load_reaches_the_page_and_metrics():
     )
     assert snapshot.models[0].peers[0].active_sessions == 3
     assert "3 / 5" in render_page(snapshot, {}, period=30)
-    families = {family.name: family for family in text_string_to_metric_families(render_metrics(snapshot))}
+    families = metric_families(snapshot)
     assert [s.value for s in families["blockswarm_active_sessions"].samples] == [3]
     assert [s.value for s in families["blockswarm_queued_requests"].samples] == [5]
 

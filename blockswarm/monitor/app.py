@@ -1,41 +1,36 @@
-"""Wires the monitor together: a client-mode DHT node, the crawler thread and the HTTP server."""
+"""Wires the monitor together: a client-mode DHT node, the crawler thread and the web server."""
 
 from __future__ import annotations
 
-import signal
-import threading
 from dataclasses import dataclass
 
 from hivemind.dht import DHT
 
 from blockswarm.dht import NodeRole, start_dht
+from blockswarm.web_serving import WebServer
 
 from .crawler import Crawler
 from .state import History
-from .web import MonitorHTTPServer
+from .web import create_app
 
 
 @dataclass
 class Monitor:
     dht: DHT
     crawler: Crawler
-    http: MonitorHTTPServer
+    web: WebServer
 
     @property
     def url(self) -> str:
-        host, port = self.http.server_address[:2]
-        return f"http://{host}:{port}/"
+        return self.web.url
 
     def serve_forever(self) -> None:
-        self.http.serve_forever()
+        """Serve in this thread; in the main thread, until SIGINT/SIGTERM (uvicorn handles them)."""
+        self.web.serve_forever()
 
     def stop(self) -> None:
-        """Stop serve_forever running in another thread, then close."""
-        self.http.shutdown()
-        self.close()
-
-    def close(self) -> None:
-        self.http.server_close()
+        """Stop serving (if it serves, in this thread or another) and release the socket, the crawler and the DHT."""
+        self.web.stop()
         self.crawler.stop()
         self.dht.shutdown()
 
@@ -48,27 +43,20 @@ def start_monitor(
     info_timeout: float = 5.0,
     history_seconds: float = 3600.0,
 ) -> Monitor:
-    """Join the swarm as a DHT client, start crawling, and bind (not yet serve) the HTTP server."""
+    """Join the swarm as a DHT client, start crawling, and bind (not yet serve) the web server."""
     # the DHT process is forked before any thread of ours starts
     dht = start_dht(NodeRole.MONITOR, initial_peers).dht
     history = History(history_seconds)
     crawler = Crawler(dht, history, period=period, info_timeout=info_timeout)
     crawler.start()
-    return Monitor(dht, crawler, MonitorHTTPServer((host, port), history, crawler))
+    return Monitor(dht, crawler, WebServer(create_app(history, crawler), host, port))
 
 
 def run_monitor(initial_peers: list[str], host: str, port: int, period: float, info_timeout: float) -> None:
     """Serve until SIGINT/SIGTERM."""
     monitor = start_monitor(initial_peers, host, port, period, info_timeout)
     print(f"blockswarm monitor ready: url={monitor.url}", flush=True)
-
-    def stop(*_) -> None:
-        # shutdown() waits for serve_forever to return, so it cannot run in the serving thread itself
-        threading.Thread(target=monitor.http.shutdown, daemon=True).start()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, stop)
     try:
         monitor.serve_forever()
     finally:
-        monitor.close()
+        monitor.stop()

@@ -1,119 +1,98 @@
-"""The latest snapshot in the Prometheus text exposition format (version 0.0.4), for `/metrics`.
+"""The latest snapshot as Prometheus gauges, for `/metrics`.
 
-Written by hand rather than through prometheus_client: the values are recomputed from each snapshot,
-which a registry of live gauges would only duplicate.
+A custom collector rather than live `Gauge` objects: every value is recomputed from the latest snapshot at
+scrape time, so a model that leaves the swarm leaves the metrics too, with no stale series to clear.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
 from blockswarm.dht import ServerState
 
-from .state import PeerRecord, Snapshot
+from .state import History, ModelState, PeerRecord, Snapshot
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _labels(labels: dict[str, str]) -> str:
-    if not labels:
-        return ""
-    return "{" + ",".join(f'{key}="{_escape(value)}"' for key, value in labels.items()) + "}"
-
-
-class _Exposition:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def family(self, name: str, kind: str, help_text: str, samples: list[tuple[dict[str, str], float]]) -> None:
-        self.lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-        self.lines += [f"{name}{_labels(labels)} {float(value)!r}" for labels, value in samples]
-
-
-def render_metrics(snapshot: Snapshot | None) -> str:
-    """Gauges of the latest crawl; only the crawl gauges when the first crawl has not finished yet."""
-    out = _Exposition()
-    models = snapshot.models if snapshot is not None else []
-    out.family(
-        "blockswarm_peers",
-        "gauge",
-        "Peers of a model by announced state; ONLINE peers that did not answer `info` count as unreachable.",
-        [
-            ({"model": model.name, "state": state}, count)
-            for model in models
-            for state, count in _peer_states(model.peers).items()
-        ],
-    )
-    out.family(
-        "blockswarm_blocks",
-        "gauge",
-        "Transformer blocks of a model.",
-        [({"model": model.name}, model.num_blocks) for model in models],
-    )
-    out.family(
-        "blockswarm_blocks_covered",
-        "gauge",
+PER_MODEL: dict[str, tuple[str, Callable[[ModelState], float]]] = {  # name -> (help, value), labelled by model
+    "blockswarm_blocks": ("Transformer blocks of a model.", lambda m: m.num_blocks),
+    "blockswarm_blocks_covered": (
         "Blocks of a model served by at least one ONLINE, reachable peer.",
-        [({"model": model.name}, model.covered_blocks) for model in models],
-    )
-    out.family(
-        "blockswarm_model_healthy",
-        "gauge",
-        "1 if every block of the model is covered, else 0.",
-        [({"model": model.name}, int(model.healthy)) for model in models],
-    )
-    out.family(
-        "blockswarm_block_throughput_min",
-        "gauge",
+        lambda m: m.covered_blocks,
+    ),
+    "blockswarm_model_healthy": ("1 if every block of the model is covered, else 0.", lambda m: int(m.healthy)),
+    "blockswarm_block_throughput_min": (
         "Throughput covering the weakest block of a model (sum over its serving peers): the bottleneck.",
-        [({"model": model.name}, model.min_throughput) for model in models],
-    )
-    out.family(
-        "blockswarm_block_throughput_avg",
-        "gauge",
+        lambda m: m.min_throughput,
+    ),
+    "blockswarm_block_throughput_avg": (
         "Throughput covering a block of a model, averaged over its blocks.",
-        [({"model": model.name}, model.avg_throughput) for model in models],
-    )
-    out.family(
-        "blockswarm_active_sessions",
-        "gauge",
+        lambda m: m.avg_throughput,
+    ),
+    "blockswarm_active_sessions": (
         "Inference sessions open on a model's ONLINE peers, as last announced.",
-        [({"model": model.name}, sum(p.active_sessions for p in model.peers if p.serving)) for model in models],
-    )
-    out.family(
-        "blockswarm_queued_requests",
-        "gauge",
+        lambda m: sum(p.active_sessions for p in m.peers if p.serving),
+    ),
+    "blockswarm_queued_requests": (
         "Requests waiting for compute on a model's ONLINE peers, as last announced.",
-        [({"model": model.name}, sum(p.queued_requests for p in model.peers if p.serving)) for model in models],
-    )
-    out.family(
-        "blockswarm_peers_reported_lying",
-        "gauge",
+        lambda m: sum(p.queued_requests for p in m.peers if p.serving),
+    ),
+    "blockswarm_peers_reported_lying": (
         "Peers of a model that at least one client's spot checks caught returning wrong outputs.",
-        [({"model": model.name}, sum(peer.lie_reports > 0 for peer in model.peers)) for model in models],
-    )
-    crawled = snapshot is not None
-    out.family(
-        "blockswarm_monitor_crawl_duration_seconds",
-        "gauge",
+        lambda m: sum(p.lie_reports > 0 for p in m.peers),
+    ),
+}
+
+PER_CRAWL: dict[str, tuple[str, Callable[[Snapshot], float]]] = {  # name -> (help, value), unlabelled
+    "blockswarm_monitor_crawl_duration_seconds": (
         "How long the latest crawl of the swarm took.",
-        [({}, snapshot.crawl_seconds)] if crawled else [],
-    )
-    out.family(
-        "blockswarm_monitor_last_crawl_timestamp_seconds",
-        "gauge",
-        "Unix time when the latest crawl began.",
-        [({}, snapshot.taken_at)] if crawled else [],
-    )
-    out.family(
-        "blockswarm_monitor_crawl_ok",
-        "gauge",
+        lambda s: s.crawl_seconds,
+    ),
+    "blockswarm_monitor_last_crawl_timestamp_seconds": ("Unix time when the latest crawl began.", lambda s: s.taken_at),
+    "blockswarm_monitor_crawl_ok": (
         "1 if the latest crawl could read the DHT, else 0.",
-        [({}, int(snapshot.error is None))] if crawled else [],
-    )
-    return "\n".join(out.lines) + "\n"
+        lambda s: int(s.error is None),
+    ),
+}
+
+
+class SwarmCollector(Collector):
+    """Gauges of the latest crawl in `history`: every family, without samples until the first crawl has finished."""
+
+    def __init__(self, history: History):
+        self.history = history
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        snapshot = self.history.latest()
+        models = snapshot.models if snapshot is not None else []
+        peers = GaugeMetricFamily(
+            "blockswarm_peers",
+            "Peers of a model by announced state; ONLINE peers that did not answer `info` count as unreachable.",
+            labels=["model", "state"],
+        )
+        for model in models:
+            for state, count in _peer_states(model.peers).items():
+                peers.add_metric([model.name, state], count)
+        yield peers
+        for name, (help_text, model_value) in PER_MODEL.items():
+            family = GaugeMetricFamily(name, help_text, labels=["model"])
+            for model in models:
+                family.add_metric([model.name], model_value(model))
+            yield family
+        for name, (help_text, crawl_value) in PER_CRAWL.items():
+            family = GaugeMetricFamily(name, help_text)
+            if snapshot is not None:
+                family.add_metric([], crawl_value(snapshot))
+            yield family
+
+
+def metrics_registry(history: History) -> CollectorRegistry:
+    """A registry of its own, so the monitor's metrics never mix with whatever else registers globally."""
+    registry = CollectorRegistry()
+    registry.register(SwarmCollector(history))
+    return registry
 
 
 def _peer_states(peers: list[PeerRecord]) -> dict[str, int]:
