@@ -17,6 +17,7 @@ from blockswarm.emulated_wan import EmulatedWan
 
 READY_DHT = re.compile(r"blockswarm dht ready: maddrs=(\S+)")
 READY_MONITOR = re.compile(r"blockswarm monitor ready: url=(\S+)")
+READY_API = re.compile(r"blockswarm api ready: model=(\S+) url=(\S+)")
 READY_PEER = re.compile(r"blockswarm peer ready: model=(\S+) blocks=(\d+):(\d+) peer_id=(\S+) maddrs=(.*)")
 
 
@@ -123,6 +124,13 @@ class LocalSwarm:
         ]
         process = self._spawn("monitor", [*command, "--period", str(period)])
         return self._wait_ready(process, READY_MONITOR).group(1)
+
+    def start_api(self, *args: str, name: str = "api") -> str:
+        """Start `blockswarm serve-api` for this swarm's model on this host (extra `args`: its options); returns the
+        API's base URL."""
+        command = ["serve-api", self.model, "--initial-peers", *self.initial_peers, "--host", self._address(name)]
+        process = self._spawn(name, [*command, "--port", "0", *args])
+        return self._wait_ready(process, READY_API).group(2)
 
     def wait_peer(self, process: LocalProcess) -> LocalProcess:
         match = self._wait_ready(process, READY_PEER)

@@ -1,4 +1,4 @@
-"""`blockswarm <command>`: run-dht, run-server, init-model, generate, demo, monitor, reassemble."""
+"""`blockswarm <command>`: run-dht, run-server, init-model, generate, demo, monitor, serve-api, reassemble."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> None:
         "generate": commands.generate,
         "demo": commands.demo,
         "monitor": commands.monitor,
+        "serve-api": commands.serve_api,
         "reassemble": commands.reassemble,
     }[args.command]
     from blockswarm.dht import SwarmJoinError

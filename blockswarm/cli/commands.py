@@ -118,6 +118,20 @@ def demo(args: argparse.Namespace) -> None:
     run_demo(args.dir, args.preset, args.peers, args.max_new_tokens, args.monitor_port)
 
 
+def serve_api(args: argparse.Namespace) -> None:
+    from blockswarm.api import run_api_server
+
+    run_api_server(
+        args.model,
+        args.initial_peers,
+        args.host,
+        args.port,
+        model_name=args.model_name,
+        codec=args.codec,
+        concurrency=args.concurrency,
+    )
+
+
 def monitor(args: argparse.Namespace) -> None:
     from blockswarm.monitor import run_monitor
 

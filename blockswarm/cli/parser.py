@@ -46,7 +46,8 @@ def _add_network_args(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="blockswarm",
-        description="`blockswarm <command>`: run-dht, run-server, init-model, generate, demo, monitor, reassemble.",
+        description="`blockswarm <command>`: run-dht, run-server, init-model, generate, demo, monitor, serve-api, "
+        "reassemble.",
     )
     parser.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -222,5 +223,30 @@ def build_parser() -> argparse.ArgumentParser:
     monitor.add_argument("--period", type=float, default=30.0, help="seconds between crawls (default: 30)")
     monitor.add_argument(
         "--info-timeout", type=float, default=5.0, help="seconds a peer may take to answer `info` (default: 5)"
+    )
+
+    api = commands.add_parser(
+        "serve-api",
+        help="serve an OpenAI-compatible HTTP API (and a chat page) over the swarm",
+        description="Join the swarm as a client of MODEL and serve /v1/models, /v1/completions, "
+        "/v1/chat/completions (streamed or not, with structured output) and a chat page at /.",
+    )
+    api.add_argument("model", help="local checkpoint directory (embeddings, head and tokenizer are loaded here)")
+    api.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR")
+    api.add_argument("--host", default=DEFAULT_HOST, help="address of the web server (default: all interfaces)")
+    api.add_argument("--port", type=int, default=8000, help="port of the web server (default: 8000)")
+    api.add_argument(
+        "--model-name",
+        default=None,
+        help="the name the peers announce, and the API's model id (default: derived from MODEL as run-server does)",
+    )
+    api.add_argument(
+        "--codec",
+        default="int8-blockwise",
+        choices=["int8-blockwise", "none", "fp16", "bf16"],
+        help="how hidden states travel between peers (default: int8-blockwise; none for bit-exact results)",
+    )
+    api.add_argument(
+        "--concurrency", type=int, default=64, help="requests generating at once; more wait their turn (default: 64)"
     )
     return parser

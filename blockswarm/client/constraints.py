@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import xgrammar as xgr
 
-JSON_OBJECT_SCHEMA = {"type": "object", "additionalProperties": True}
+JSON_OBJECT_SCHEMA = {"type": "object", "additionalProperties": True}  # any object: XGrammar's strict mode allows none
 
 
 class Grammars:
@@ -48,19 +48,16 @@ class Grammars:
         self,
         *,
         json_schema: dict[str, Any] | str | None = None,
-        json_object: bool = False,
         regex: str | None = None,
         grammar: str | None = None,
     ) -> xgr.CompiledGrammar:
-        """Exactly one of: a JSON schema (dict or JSON text), any JSON object, a regex, an EBNF grammar (GBNF
-        syntax, rule `root`). Raises ValueError explaining what is wrong with it."""
-        given = [json_schema is not None, json_object, regex is not None, grammar is not None]
-        if sum(given) != 1:
-            raise ValueError("give exactly one of json_schema, json_object, regex, grammar")
+        """Exactly one of: a JSON schema (dict or JSON text; `JSON_OBJECT_SCHEMA` for any object), a regex, an
+        EBNF grammar (GBNF syntax, rule `root`). Raises ValueError explaining what is wrong with it."""
+        if sum(option is not None for option in (json_schema, regex, grammar)) != 1:
+            raise ValueError("give exactly one of json_schema, regex, grammar")
         try:
-            if json_schema is not None or json_object:
-                schema = JSON_OBJECT_SCHEMA if json_object else json_schema
-                text = schema if isinstance(schema, str) else json.dumps(schema)
+            if json_schema is not None:
+                text = json_schema if isinstance(json_schema, str) else json.dumps(json_schema)
                 return self._json.compile_json_schema(text, any_whitespace=False)
             if regex is not None:
                 return self._text.compile_regex(regex)
@@ -116,3 +113,17 @@ class GrammarConstraint:
     def complete(self) -> bool:
         """Every row's output so far is a whole sentence of the grammar."""
         return all(matcher.is_terminated() or matcher.is_completed() for matcher in self.matchers)
+
+
+class KnownTokensOnly:
+    """A logits processor that never picks an id the tokenizer has no token for: the padding rows many models add to
+    their vocabulary decode to nothing. The API server always applies it (text out needs tokens)."""
+
+    def __init__(self, tokenizer):
+        self.known = len(tokenizer)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if scores.shape[-1] > self.known:
+            scores = scores.clone()
+            scores[:, self.known :] = -float("inf")
+        return scores

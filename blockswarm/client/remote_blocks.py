@@ -156,6 +156,11 @@ class RemoteBlocks:
             if not isinstance(reply, BaseException) and reply.training_step is not None
         }
 
+    def missing_blocks(self) -> list[int]:
+        """Blocks no usable peer serves now, as the swarm view last saw it (a quick check before opening a session:
+        opening one would wait up to the failover deadline for them)."""
+        return [block for block, peers in enumerate(self.view.usable_blocks()) if not peers]
+
     def open_session(self, max_length: int, batch_size: int, adapter: AdapterTensors | None = None) -> InferenceSession:
         session = InferenceSession(
             self.p2p,
