@@ -59,6 +59,7 @@ bench: install wan-tools
 	$(BIN)/python bench/verify.py
 	$(BIN)/python bench/load.py
 	$(BIN)/python bench/wan.py
+	$(BIN)/python bench/api.py
 
 clean:
 	rm -rf $(VENV) .demo .bench .pytest_cache .ruff_cache

@@ -59,7 +59,7 @@ def test_every_compose_command_exists_in_the_cli(compose):
         assert service["build"]["dockerfile"] == "docker/Dockerfile", name
         commands[name] = parse(argv(service))
     kinds = sorted(args.command for args in commands.values())
-    assert kinds == ["init-model", "monitor", "run-dht", "run-server", "run-server"]
+    assert kinds == ["init-model", "monitor", "run-dht", "run-server", "run-server", "serve-api"]
 
 
 def test_compose_wires_a_private_swarm(compose):
@@ -70,6 +70,7 @@ def test_compose_wires_a_private_swarm(compose):
     ((init_name, init),) = by_command["init-model"]
     ((dht_name, dht),) = by_command["run-dht"]
     ((_, monitor),) = by_command["monitor"]
+    ((_, api),) = by_command["serve-api"]
     init_args, dht_args = parse(argv(init)), parse(argv(dht))
     assert init_args.preset == "tiny" and init["restart"] == "no"
 
@@ -78,7 +79,7 @@ def test_compose_wires_a_private_swarm(compose):
     key_file = DOCKER / key_mount.split(":")[0]
     expected_peer = PeerID.from_identity(key_file.read_bytes()).to_base58()
 
-    joiners = [service for name, service in by_command["run-server"]] + [monitor]
+    joiners = [service for name, service in by_command["run-server"]] + [monitor, api]
     for service in joiners:
         (maddr,) = parse(argv(service)).initial_peers
         parts = Multiaddr(maddr)
@@ -98,3 +99,11 @@ def test_compose_wires_a_private_swarm(compose):
 
     monitor_args = parse(argv(monitor))
     assert f"{monitor_args.port}:{monitor_args.port}" in monitor["ports"] and monitor_args.host == "0.0.0.0"
+
+    # the API is a client of the peers' model: same checkpoint, same model name
+    api_args = parse(argv(api))
+    assert f"{api_args.port}:{api_args.port}" in api["ports"] and api_args.host == "0.0.0.0"
+    assert api_args.port != monitor_args.port
+    assert api_args.model == init_args.dir and f"{volume}:{Path(init_args.dir).parent}:ro" in api["volumes"]
+    assert api["depends_on"][init_name]["condition"] == "service_completed_successfully"
+    assert {parse(argv(peer)).model_name for _, peer in by_command["run-server"]} == {api_args.model_name}
