@@ -3,7 +3,7 @@
 Local: the same block code with KV caches in a fresh process with default torch settings, as a user would
 run the model. Swarm: a bootstrap node and 3 peers on loopback with disjoint spans (3 hops per step), driven
 from this process with the settings every `blockswarm` command uses (idle OpenMP threads sleep). Both run the
-same token loop (`generate_tokens`); a step is one call of the blocks for one new token, and rounds alternate
+same token loop (`token_steps`); a step is one call of the blocks for one new token, and rounds alternate
 local / swarm. per_hop_overhead_ms = (median swarm step - median local step) / hops.
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from blockswarm.client import DistributedModelForCausalLM  # noqa: E402
-from blockswarm.client.generation import generate_tokens  # noqa: E402
+from blockswarm.client.generation import token_steps  # noqa: E402
 from blockswarm.client.sampling import SamplingParams  # noqa: E402
 from blockswarm.local_swarm import LocalSwarm  # noqa: E402
 from blockswarm.models import KVCache, load_blocks, load_config, load_ends  # noqa: E402
@@ -48,7 +48,8 @@ def measure(ends, step, prompt: torch.Tensor, new_tokens: int) -> tuple[float, f
     """(median seconds per single-token step, tokens per second of the whole loop), prefill excluded."""
     times: list[float] = []
     began = time.perf_counter()
-    generate_tokens(ends, timed(step, times), prompt, prompt, new_tokens, SamplingParams())
+    for _ in token_steps(ends, timed(step, times), prompt, prompt, new_tokens, SamplingParams()):
+        pass
     total = time.perf_counter() - began - times[0]
     decode_steps = times[1:]
     return statistics.median(decode_steps), len(decode_steps) / total

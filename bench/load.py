@@ -44,7 +44,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from blockswarm.client import DistributedModelForCausalLM  # noqa: E402
-from blockswarm.client.generation import generate_tokens  # noqa: E402
+from blockswarm.client.generation import token_steps  # noqa: E402
 from blockswarm.client.sampling import SamplingParams  # noqa: E402
 from blockswarm.local_swarm import LocalSwarm  # noqa: E402
 from blockswarm.models import load_config  # noqa: E402
@@ -99,8 +99,8 @@ def timed_generation(model, prompt: torch.Tensor, new_tokens: int) -> tuple[list
     step_seconds: list[float] = []
     with model.inference_session(max_length=prompt.shape[1] + new_tokens) as session:
         step = timed(session.step, step_seconds)
-        token_ids = generate_tokens(model, step, prompt, prompt, new_tokens, SamplingParams())
-    return token_ids[0, prompt.shape[1] :].tolist(), step_seconds
+        *_, last = token_steps(model, step, prompt, prompt, new_tokens, SamplingParams())
+    return last.token_ids[0, prompt.shape[1] :].tolist(), step_seconds
 
 
 def reply(payload: dict) -> None:

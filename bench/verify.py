@@ -27,7 +27,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from blockswarm.client import DistributedModelForCausalLM  # noqa: E402
-from blockswarm.client.generation import generate_tokens  # noqa: E402
+from blockswarm.client.generation import token_steps  # noqa: E402
 from blockswarm.client.sampling import SamplingParams  # noqa: E402
 from blockswarm.local_swarm import LocalSwarm  # noqa: E402
 from blockswarm.models import load_config  # noqa: E402
@@ -44,7 +44,8 @@ def steps_per_second(model, new_tokens: int) -> float:
     """Single-token steps per second of one greedy generation in a fresh session (prefill excluded)."""
     times: list[float] = []
     with model.inference_session(max_length=PROMPT.shape[1] + new_tokens) as session:
-        generate_tokens(model, timed(session.step, times), PROMPT, PROMPT, new_tokens, SamplingParams())
+        for _ in token_steps(model, timed(session.step, times), PROMPT, PROMPT, new_tokens, SamplingParams()):
+            pass
     return (len(times) - 1) / sum(times[1:])
 
 

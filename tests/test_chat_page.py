@@ -8,12 +8,12 @@ import contextlib
 import json
 import os
 import select
-import shutil
 import signal
 import time
 import urllib.request
 
 import pytest
+from browser import HEADLESS_FLAGS, chromium_binary
 
 PROMPT = "Hello, swarm!"
 MAX_TOKENS = 24
@@ -46,21 +46,12 @@ class Chromium:
     commands from fd 3 and writes replies and events to fd 4, NUL-terminated JSON), attached to one page."""
 
     def __init__(self, tmp_path):
-        binary = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-        if binary is None:
-            pytest.skip("no Chromium: `make test` installs Debian's chromium when run as root")
+        binary = chromium_binary()
         commands_read, commands_write = os.pipe()
         events_read, events_write = os.pipe()
         argv = [
             binary,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
+            *HEADLESS_FLAGS,
             "--hide-scrollbars",
             "--remote-debugging-pipe",
             f"--user-data-dir={tmp_path / 'chromium-profile'}",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import html
 import json
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import urllib.request
 from html.parser import HTMLParser
 
 import pytest
+from browser import HEADLESS_FLAGS, chromium_binary
 from hivemind.dht import DHT
 from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
@@ -232,27 +232,8 @@ class PageSummary(HTMLParser):
             self.rows[self._model] += 1
 
 
-def chromium() -> str:
-    binary = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    if binary is None:
-        pytest.skip("no Chromium: `make test` installs Debian's chromium when run as root")
-    return binary
-
-
 def run_chromium(tmp_path, *args: str) -> str:
-    command = [
-        chromium(),
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
-        *args,
-    ]
+    command = [chromium_binary(), *HEADLESS_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}", *args]
     done = subprocess.run(command, capture_output=True, text=True, timeout=90)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout

@@ -7,14 +7,14 @@ import asyncio
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from importlib import resources
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -33,7 +33,7 @@ from .schemas import (
     SamplingRequest,
 )
 
-CHAT_PAGE = resources.files(__package__).joinpath("chat_page.html")
+CHAT_PAGE = resources.files(__package__).joinpath("chat_page.html").read_text()
 
 
 class ApiError(Exception):
@@ -66,7 +66,7 @@ def create_app(generator: TextGenerator, model_name: str, concurrency: int = 64)
 
     @app.get("/", response_class=HTMLResponse)
     async def chat_page() -> str:
-        return CHAT_PAGE.read_text()
+        return CHAT_PAGE
 
     @app.get("/v1/models")
     async def models() -> ModelList:
@@ -80,15 +80,10 @@ def create_app(generator: TextGenerator, model_name: str, concurrency: int = 64)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         events = _generate(executor, generator, prompt_ids, options)
         logprobs = request.logprobs is not None
-        if not request.stream:
-            return await _collect(events, lambda texts, done: texts.completion(request_id, model_name, done, logprobs))
-
-        def chunks(delta: Delta, index: int, offsets: dict[int, int]) -> Iterator[BaseModel]:
-            yield responses.completion_chunk(request_id, model_name, delta, index, offsets.get(index, 0), logprobs)
-            offsets[index] = offsets.get(index, 0) + len(delta.text)
-
-        usage = _wants_usage(request) and (lambda done: responses.usage_completion_chunk(request_id, model_name, done))
-        return _sse(events, chunks, usage)
+        if request.stream:
+            return _sse(events, responses.CompletionChunks(request_id, model_name, logprobs), _wants_usage(request))
+        texts, finished = await _collect(events)
+        return texts.completion(request_id, model_name, finished, logprobs)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatCompletionRequest):
@@ -98,19 +93,10 @@ def create_app(generator: TextGenerator, model_name: str, concurrency: int = 64)
         options = await _options(request, prompt_ids, request.max_completion_tokens or request.max_tokens, top)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         events = _generate(executor, generator, prompt_ids, options)
-        if not request.stream:
-            return await _collect(
-                events, lambda texts, done: texts.chat(request_id, model_name, done, request.logprobs)
-            )
-
-        def chunks(delta: Delta, index: int, started: dict[int, int]) -> Iterator[BaseModel]:
-            yield from responses.chat_chunks(
-                request_id, model_name, delta, index, started.setdefault(index, 0) == 0, request.logprobs
-            )
-            started[index] = 1
-
-        usage = _wants_usage(request) and (lambda done: responses.usage_chat_chunk(request_id, model_name, done))
-        return _sse(events, chunks, usage)
+        if request.stream:
+            return _sse(events, responses.ChatChunks(request_id, model_name, request.logprobs), _wants_usage(request))
+        texts, finished = await _collect(events)
+        return texts.chat(request_id, model_name, finished, request.logprobs)
 
     async def _options(
         request: SamplingRequest, prompt_ids: list[list[int]], max_tokens: int | None, top_logprobs: int | None
@@ -136,10 +122,8 @@ def create_app(generator: TextGenerator, model_name: str, concurrency: int = 64)
         )
         try:
             await run_in_threadpool(generator.ready, options)
-        except NoRouteError as e:
-            raise ApiError(503, str(e), "service_unavailable", "blocks_not_served") from None
-        except ValueError as e:
-            raise ApiError(400, str(e)) from None
+        except (NoRouteError, ValueError) as e:
+            raise _api_error(e) from None
         return options
 
     return app
@@ -191,8 +175,8 @@ def _error(
 
 async def _generate(
     executor: ThreadPoolExecutor, generator: TextGenerator, prompt_ids: list[list[int]], options: Options
-) -> AsyncIterator[tuple[int, Delta | Finished]]:
-    """(choice index, event) from a thread of `executor`; each prompt's choices are numbered after the last's.
+) -> AsyncIterator[Delta | Finished]:
+    """The events of every prompt, from a thread of `executor`; each prompt's choices are numbered after the last's.
     Leaving early (the client went away) tells the thread to stop after its current step, closing the session."""
     loop, queue, cancelled = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
     end = object()
@@ -201,21 +185,22 @@ async def _generate(
         try:
             for number, ids in enumerate(prompt_ids):
                 for event in generator.run(ids, options, cancelled):
-                    index = number * options.n + event.index if isinstance(event, Delta) else -1
-                    loop.call_soon_threadsafe(queue.put_nowait, (index, event))
+                    if isinstance(event, Delta):
+                        event = replace(event, index=number * options.n + event.index)
+                    loop.call_soon_threadsafe(queue.put_nowait, event)
                 if cancelled.is_set():
                     break
         except BaseException as e:  # handed to the request's task, which answers with it
-            loop.call_soon_threadsafe(queue.put_nowait, (-1, e))
+            loop.call_soon_threadsafe(queue.put_nowait, e)
         finally:
-            loop.call_soon_threadsafe(queue.put_nowait, (-1, end))
+            loop.call_soon_threadsafe(queue.put_nowait, end)
 
     loop.run_in_executor(executor, produce)
     try:
-        while (item := await queue.get())[1] is not end:
-            if isinstance(item[1], BaseException):
-                raise _api_error(item[1])
-            yield item
+        while (event := await queue.get()) is not end:
+            if isinstance(event, BaseException):
+                raise _api_error(event)
+            yield event
     finally:
         cancelled.set()
 
@@ -230,29 +215,32 @@ def _api_error(e: BaseException) -> BaseException:
     return e
 
 
-async def _collect(events: AsyncIterator, build: Callable) -> BaseModel:
+async def _collect(events: AsyncIterator[Delta | Finished]) -> tuple[responses.ChoiceTexts, list[Finished]]:
     texts, finished = responses.ChoiceTexts(), []
-    async for index, event in events:
+    async for event in events:
         if isinstance(event, Finished):
             finished.append(event)
         else:
-            texts.add(event, index)
-    return build(texts, finished)
+            texts.add(event)
+    return texts, finished
 
 
-def _sse(events: AsyncIterator, chunks: Callable, usage: Callable | bool) -> StreamingResponse:
+def _sse(
+    events: AsyncIterator[Delta | Finished],
+    chunks: responses.ChatChunks | responses.CompletionChunks,
+    include_usage: bool,
+) -> StreamingResponse:
     async def stream() -> AsyncIterator[str]:
-        state: dict[int, int] = {}
         finished: list[Finished] = []
         try:
-            async for index, event in events:
+            async for event in events:
                 if isinstance(event, Finished):
                     finished.append(event)
                     continue
-                for chunk in chunks(event, index, state):
+                for chunk in chunks.of(event):
                     yield f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
-            if usage:
-                yield f"data: {usage(finished).model_dump_json(exclude_none=True)}\n\n"
+            if include_usage:
+                yield f"data: {chunks.usage(finished).model_dump_json(exclude_none=True)}\n\n"
         except ApiError as e:  # the response has begun: the error travels as an event, as OpenAI's do
             body = ErrorResponse(error=ErrorBody(message=str(e), type=e.kind, code=e.code))
             yield f"data: {body.model_dump_json()}\n\n"

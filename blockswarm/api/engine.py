@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from math import inf
 from typing import Any
 
 import torch
@@ -100,7 +101,7 @@ class TextGenerator:
 
     def run(self, prompt_ids: list[int], options: Options, cancelled: threading.Event) -> Iterator[Delta | Finished]:
         """Deltas as tokens come, then one Finished; stops early when `cancelled` is set."""
-        choices = [_Choice(self.tokenizer, options.stop) for _ in range(options.n)]
+        choices = [_Choice(index, self.tokenizer, options.stop) for index in range(options.n)]
         session = GenerationSession(self.model, len(prompt_ids) + options.max_tokens, options.n)
         try:
             steps = self.model.stream(
@@ -116,11 +117,12 @@ class TextGenerator:
                 **options.constraint,
             )
             for position, step in enumerate(steps, start=1):
-                logprobs = self._logprobs(step.scores, step.tokens, options)
-                for index, choice in enumerate(choices):
+                tokens, logprobs = step.tokens.tolist(), self._logprobs(step.scores, step.tokens, options)
+                last = position == options.max_tokens
+                for choice in choices:
                     if choice.finish_reason is None:
-                        delta = choice.add(int(step.tokens[index]), position == options.max_tokens)
-                        delta.index, delta.logprobs = index, [logprobs[index]] if logprobs else []
+                        row = choice.index
+                        delta = choice.add(tokens[row], logprobs[row : row + 1], last)
                         if delta.text or delta.logprobs or delta.finish_reason:
                             yield delta
                 if cancelled.is_set() or all(choice.finish_reason for choice in choices):
@@ -130,26 +132,17 @@ class TextGenerator:
         yield Finished(len(prompt_ids), sum(choice.tokens for choice in choices))
 
     def _logprobs(self, scores: torch.Tensor, tokens: torch.Tensor, options: Options) -> list[TokenLogprob]:
-        top = options.top_logprobs
-        if top is None:
+        """Each row's chosen token and its `options.top_logprobs` most likely ones (none masked out); [] when off."""
+        if options.top_logprobs is None:
             return []
         name = self._token_id if options.tokens_as_ids else self._token
         logprobs = torch.log_softmax(scores.float(), dim=-1)
-        best = torch.topk(logprobs, top, dim=-1) if top else None
-        return [
-            TokenLogprob(
-                *name(int(token)),
-                float(logprobs[row, token]),
-                []
-                if best is None
-                else [
-                    (*name(int(i)), float(lp))
-                    for lp, i in zip(best.values[row], best.indices[row])
-                    if torch.isfinite(lp)
-                ],
-            )
-            for row, token in enumerate(tokens)
-        ]
+        best = torch.topk(logprobs, options.top_logprobs, dim=-1)
+        rows = []
+        for row, token in enumerate(tokens.tolist()):
+            top = [(*name(i), lp) for lp, i in zip(best.values[row].tolist(), best.indices[row].tolist()) if lp > -inf]
+            rows.append(TokenLogprob(*name(token), float(logprobs[row, token]), top))
+        return rows
 
     def _token_id(self, token_id: int) -> tuple[str, bytes]:
         return f"token_id:{token_id}", self._token(token_id)[1]
@@ -160,44 +153,56 @@ class TextGenerator:
 
 
 class _Choice:
-    """One choice's text as its tokens come: whole characters only, cut before the first stop string, holding back
-    any tail that could still become one."""
+    """One choice's text as its tokens come, cut before the first stop string, holding back any tail that could
+    still become one.
 
-    def __init__(self, tokenizer, stops: tuple[str, ...]):
+    Decoded incrementally, as vLLM does: the new tokens together with the last settled ones as context (so that a
+    word's leading space comes out right), settled once they decode to whole characters. Decoding the whole text
+    again at every token would cost time quadratic in its length.
+    """
+
+    def __init__(self, index: int, tokenizer, stops: tuple[str, ...]):
+        self.index = index
         self.tokenizer = tokenizer
         self.stops = stops
         self.ids: list[int] = []
-        self.sent = 0  # characters of the text already given out
+        self.text = ""  # the settled text: whole characters
+        self._context = 0  # ids[_context:_settled] are the context the next tokens decode with
+        self._settled = 0  # ids[:_settled] make up `text`
+        self.sent = 0  # characters of `text` already given out
         self.tokens = 0
         self.finish_reason: str | None = None
 
-    def add(self, token_id: int, last: bool) -> Delta:
+    def add(self, token_id: int, logprobs: list[TokenLogprob], last: bool) -> Delta:
         self.tokens += 1
         if token_id == self.tokenizer.eos_token_id:
-            return self._finish(self._text(), "stop")
+            return self._give(self.text, logprobs, "stop")
         self.ids.append(token_id)
-        text = self._text()
+        unsettled = self._decode()
         # text given out never holds the start of a stop string, so one can only begin after it
-        cut = min((i for i in (text.find(stop, self.sent) for stop in self.stops) if i >= 0), default=-1)
+        cut = min((i for i in (self.text.find(stop, self.sent) for stop in self.stops) if i >= 0), default=-1)
         if cut >= 0:
-            return self._finish(text[:cut], "stop")
+            return self._give(self.text[:cut], logprobs, "stop")
         if last:
-            return self._finish(text, "length")
-        ready = len(text.rstrip("\ufffd")) if text.endswith("\ufffd") else len(text)  # a character still in pieces
-        held = max((_overlap(text[:ready], stop) for stop in self.stops), default=0)
-        return self._give(text[: ready - held])
+            return self._give(self.text + unsettled, logprobs, "length")
+        held = max((_overlap(self.text, stop) for stop in self.stops), default=0)
+        return self._give(self.text[: len(self.text) - held], logprobs)
 
-    def _text(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+    def _decode(self) -> str:
+        """Settles what the new tokens spell in whole characters; returns the text of those still in pieces."""
+        context = self.tokenizer.decode(self.ids[self._context : self._settled], skip_special_tokens=True)
+        spelled = self.tokenizer.decode(self.ids[self._context :], skip_special_tokens=True)[len(context) :]
+        if not spelled or spelled.endswith("\ufffd"):  # a character still in byte pieces
+            return spelled
+        self.text += spelled
+        self._context, self._settled = self._settled, len(self.ids)
+        return ""
 
-    def _give(self, text: str) -> Delta:
-        delta = Delta(0, text[self.sent :], [])
+    def _give(self, text: str, logprobs: list[TokenLogprob], finish_reason: str | None = None) -> Delta:
+        """Everything of `text` not given out yet."""
+        delta = Delta(self.index, text[self.sent :], logprobs, finish_reason)
         self.sent = max(self.sent, len(text))
-        return delta
-
-    def _finish(self, text: str, reason: str) -> Delta:
-        delta = self._give(text)
-        self.finish_reason = delta.finish_reason = reason
+        self.finish_reason = finish_reason
         return delta
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterator
 
 from .engine import Delta, Finished, TokenLogprob
 from .schemas import (
@@ -64,7 +64,8 @@ class ChoiceTexts:
         self.logprobs: dict[int, list[TokenLogprob]] = {}
         self.finish: dict[int, str | None] = {}
 
-    def add(self, delta: Delta, index: int) -> None:
+    def add(self, delta: Delta) -> None:
+        index = delta.index
         self.text[index] = self.text.get(index, "") + delta.text
         self.logprobs.setdefault(index, []).extend(delta.logprobs)
         self.finish[index] = delta.finish_reason or self.finish.get(index)
@@ -102,41 +103,49 @@ class ChoiceTexts:
         )
 
 
-def completion_chunk(request_id: str, model: str, delta: Delta, index: int, offset: int, logprobs: bool) -> Completion:
-    choice = CompletionChoice(
-        index=index,
-        text=delta.text,
-        logprobs=completion_logprobs(delta.logprobs, offset) if logprobs else None,
-        finish_reason=delta.finish_reason,
-    )
-    return Completion(id=request_id, model=model, choices=[choice])
+class CompletionChunks:
+    """A streamed completion: a chunk per delta, its logprobs' offsets counted in the choice's whole text."""
 
+    def __init__(self, request_id: str, model: str, logprobs: bool):
+        self.request_id, self.model, self.logprobs = request_id, model, logprobs
+        self.offsets: dict[int, int] = {}
 
-def chat_chunks(request_id: str, model: str, delta: Delta, index: int, first: bool, logprobs: bool) -> Iterable:
-    """The role first (once per choice), then content, then the finish reason on a chunk of its own, as OpenAI."""
-    if first:
-        yield _chat_chunk(
-            request_id, model, ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))
+    def of(self, delta: Delta) -> Iterator[Completion]:
+        offset = self.offsets.get(delta.index, 0)
+        choice = CompletionChoice(
+            index=delta.index,
+            text=delta.text,
+            logprobs=completion_logprobs(delta.logprobs, offset) if self.logprobs else None,
+            finish_reason=delta.finish_reason,
         )
-    if delta.text or delta.logprobs:
-        content = ChatChunkChoice(
-            index=index,
-            delta=ChatDelta(content=delta.text),
-            logprobs=chat_logprobs(delta.logprobs) if logprobs else None,
-        )
-        yield _chat_chunk(request_id, model, content)
-    if delta.finish_reason:
-        ending = ChatChunkChoice(index=index, delta=ChatDelta(), finish_reason=delta.finish_reason)
-        yield _chat_chunk(request_id, model, ending)
+        self.offsets[delta.index] = offset + len(delta.text)
+        yield Completion(id=self.request_id, model=self.model, choices=[choice])
+
+    def usage(self, finished: list[Finished]) -> Completion:
+        return Completion(id=self.request_id, model=self.model, choices=[], usage=usage(finished))
 
 
-def _chat_chunk(request_id: str, model: str, choice: ChatChunkChoice) -> ChatCompletionChunk:
-    return ChatCompletionChunk(id=request_id, model=model, choices=[choice])
+class ChatChunks:
+    """A streamed chat completion as OpenAI sends it: each choice's role first, then its content, then its finish
+    reason on a chunk of its own."""
 
+    def __init__(self, request_id: str, model: str, logprobs: bool):
+        self.request_id, self.model, self.logprobs = request_id, model, logprobs
+        self.started: set[int] = set()
 
-def usage_chat_chunk(request_id: str, model: str, finished: list[Finished]) -> ChatCompletionChunk:
-    return ChatCompletionChunk(id=request_id, model=model, choices=[], usage=usage(finished))
+    def of(self, delta: Delta) -> Iterator[ChatCompletionChunk]:
+        if delta.index not in self.started:
+            self.started.add(delta.index)
+            yield self._chunk(ChatChunkChoice(index=delta.index, delta=ChatDelta(role="assistant", content="")))
+        if delta.text or delta.logprobs:
+            content = ChatDelta(content=delta.text)
+            logprobs = chat_logprobs(delta.logprobs) if self.logprobs else None
+            yield self._chunk(ChatChunkChoice(index=delta.index, delta=content, logprobs=logprobs))
+        if delta.finish_reason:
+            yield self._chunk(ChatChunkChoice(index=delta.index, delta=ChatDelta(), finish_reason=delta.finish_reason))
 
+    def usage(self, finished: list[Finished]) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=self.request_id, model=self.model, choices=[], usage=usage(finished))
 
-def usage_completion_chunk(request_id: str, model: str, finished: list[Finished]) -> Completion:
-    return Completion(id=request_id, model=model, choices=[], usage=usage(finished))
+    def _chunk(self, choice: ChatChunkChoice) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=self.request_id, model=self.model, choices=[choice])

@@ -20,9 +20,9 @@ class StreamOptions(_Request):
 
 
 class JsonSchemaFormat(_Request):
-    name: str = "response"
+    """OpenAI's `{name, schema, strict}`: only the schema matters here, which is always enforced."""
+
     schema_: dict[str, Any] = Field(alias="schema")
-    strict: bool | None = None
 
 
 class ResponseFormat(_Request):

@@ -109,11 +109,6 @@ class GrammarConstraint:
                 scores[row, self.eos_token_id] = 0.0
         return scores
 
-    @property
-    def complete(self) -> bool:
-        """Every row's output so far is a whole sentence of the grammar."""
-        return all(matcher.is_terminated() or matcher.is_completed() for matcher in self.matchers)
-
 
 class KnownTokensOnly:
     """A logits processor that never picks an id the tokenizer has no token for: the padding rows many models add to

@@ -65,22 +65,3 @@ def token_steps(
         yield TokenStep(seen_ids, tokens, scores)
         if eos_token_id is not None and bool(finished.all()):
             return
-
-
-def generate_tokens(
-    ends: Ends,
-    run_blocks: Callable[[torch.Tensor], torch.Tensor],
-    seen_ids: torch.Tensor,
-    pending_ids: torch.Tensor,
-    max_new_tokens: int,
-    params: SamplingParams,
-    eos_token_id: int | None = None,
-    logits_processors: Sequence[LogitsProcessor] = (),
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Returns `seen_ids` extended by up to `max_new_tokens` tokens (`token_steps` run to the end)."""
-    for step in token_steps(
-        ends, run_blocks, seen_ids, pending_ids, max_new_tokens, params, eos_token_id, logits_processors, generator
-    ):
-        seen_ids = step.token_ids
-    return seen_ids

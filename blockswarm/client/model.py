@@ -149,6 +149,8 @@ class DistributedModelForCausalLM(nn.Module):
     def tokenizer(self):
         """The checkpoint's tokenizer, loaded on first use (structured output needs it)."""
         if self._tokenizer is None:
+            if self.name_or_path is None:
+                raise ValueError("no tokenizer: load the model with from_pretrained, or pass name_or_path")
             from transformers import AutoTokenizer
 
             self._tokenizer = AutoTokenizer.from_pretrained(self.name_or_path)

@@ -25,7 +25,7 @@ class Monitor:
         return self.web.url
 
     def serve_forever(self) -> None:
-        """Serve in this thread; in the main thread, until SIGINT/SIGTERM (uvicorn handles them)."""
+        """Serve in this thread; in the main thread, until SIGINT/SIGTERM."""
         self.web.serve_forever()
 
     def stop(self) -> None:
