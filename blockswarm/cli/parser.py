@@ -43,6 +43,13 @@ def _add_network_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_web_server_args(parser: argparse.ArgumentParser, port: int) -> None:
+    """The swarm to join and where to serve, for the commands that are web servers (monitor, serve-api)."""
+    parser.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR")
+    parser.add_argument("--host", default=DEFAULT_HOST, help="address of the web server (default: all interfaces)")
+    parser.add_argument("--port", type=int, default=port, help=f"port of the web server (default: {port})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="blockswarm",
@@ -217,9 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="crawl the swarm and serve a health page, a JSON API and Prometheus metrics",
         description="Crawl the swarm every --period seconds; serve / (page), /api/v1/state, /metrics.",
     )
-    monitor.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR")
-    monitor.add_argument("--host", default=DEFAULT_HOST, help="address of the web server (default: all interfaces)")
-    monitor.add_argument("--port", type=int, default=8080, help="port of the web server (default: 8080)")
+    _add_web_server_args(monitor, port=8080)
     monitor.add_argument("--period", type=float, default=30.0, help="seconds between crawls (default: 30)")
     monitor.add_argument(
         "--info-timeout", type=float, default=5.0, help="seconds a peer may take to answer `info` (default: 5)"
@@ -232,9 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         "/v1/chat/completions (streamed or not, with structured output) and a chat page at /.",
     )
     api.add_argument("model", help="local checkpoint directory (embeddings, head and tokenizer are loaded here)")
-    api.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR")
-    api.add_argument("--host", default=DEFAULT_HOST, help="address of the web server (default: all interfaces)")
-    api.add_argument("--port", type=int, default=8000, help="port of the web server (default: 8000)")
+    _add_web_server_args(api, port=8000)
     api.add_argument(
         "--model-name",
         default=None,
