@@ -14,6 +14,7 @@ import hivemind
 import pytest
 from hivemind.averaging import DecentralizedAverager
 from hivemind.optim import Optimizer
+from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.optim.state_averager import TrainingStateAverager
 
@@ -34,13 +35,20 @@ MEMBERS = [
     (Optimizer, "_make_progress_tracker", "method", ["self", "target_batch_size", "kwargs"]),
     (Optimizer, "_maybe_schedule_gradient_averaging", "method", ["self"]),
     (Optimizer, "_maybe_schedule_state_averaging", "method", ["self"]),
-    (Optimizer, "_begin_averaging_gradients", "method", ["self", "grad_scaler"]),
     (Optimizer, "_should_load_state_from_peers", "method", ["self"]),
     (Optimizer, "_update_global_epoch", "method", ["self", "grad_scaler"]),
     (TrainingStateAverager, "_apply_optimizer_parameters_", "method", ["self"]),
     (TrainingStateAverager, "load_state_from_peers", "method", ["self", "kwargs"]),
     (DecentralizedAverager, "load_state_from_peers", "method", ["self", "wait", "timeout"]),
     (DecentralizedAverager, "run", "method", ["self"]),
+    (DecentralizedAverager, "rpc_aggregate_part", "method", ["self", "stream", "context"]),
+    (DecentralizedAverager, "request_timeout", "property", None),
+    (
+        GradientAverager,
+        "step",
+        "method",
+        ["self", "weight", "reset_accumulators", "control", "timeout", "wait", "kwargs"],
+    ),
     (ProgressTracker, "_progress_reporter", "async method", ["self"]),
     (ProgressTracker, "ready_to_update_epoch", "property", None),
     (ProgressTracker, "global_epoch", "property", None),
@@ -52,9 +60,13 @@ INSTANCE_ATTRIBUTES = [
         Optimizer,
         # what `_make_state_averager` and `_make_progress_tracker` pass on, and the booked gradient round
         {"dht", "run_id", "matchmaking_time", "allreduce_timeout", "shutdown_timeout", "offload_optimizer"}
-        | {"status_loglevel", "next_chunk_timeout", "client_mode", "auxiliary", "tracker", "scheduled_grads"},
+        | {"status_loglevel", "next_chunk_timeout", "client_mode", "auxiliary", "tracker", "grad_averager"},
     ),
-    (TrainingStateAverager, {"optimizer"}),
+    # `StageOptimizer.accumulate` folds each micro-batch into `.grad` knowing hivemind's counts
+    (GradientAverager, {"local_times_accumulated", "local_samples_accumulated"}),
+    (TrainingStateAverager, {"optimizer", "pending_updates", "finished_optimizer_step", "finished_averaging_round"}),
+    # `_WaitsForLateGroupmates` waits for a group to be registered, up to the chunk timeout
+    (DecentralizedAverager, {"_running_groups", "next_chunk_timeout"}),
     (
         ProgressTracker,
         {"dht", "training_progress_key", "_local_public_key", "target_batch_size", "metadata_expiration"}
@@ -65,13 +77,12 @@ INSTANCE_ATTRIBUTES = [
 # (hivemind function, names it must still call): without these calls, an override is silently never used
 CALLS = [
     (Optimizer.__init__, {"_make_state_averager", "_make_progress_tracker"}),
-    # the bookings that the module turns off, and the checks and update that `follow_stage_epoch` runs as `step` does
+    # the checks, bookings and update that `follow_stage_epoch` runs as `step` does
     (
         Optimizer.step,
         {"_maybe_schedule_gradient_averaging", "_maybe_schedule_state_averaging"}
         | {"_should_load_state_from_peers", "load_state_from_peers", "_update_global_epoch"},
     ),
-    (Optimizer._update_global_epoch, {"_begin_averaging_gradients"}),
     (TrainingStateAverager.load_state_from_peers, {"load_state_from_peers", "_apply_optimizer_parameters_"}),
     (TrainingStateAverager.step, {"_apply_optimizer_parameters_"}),
     (ProgressTracker.run, {"_progress_reporter"}),
@@ -151,6 +162,28 @@ def test_hivemind_still_calls_what_the_module_overrides(function, names):
 def test_step_still_checks_ready_to_update_epoch():
     read = {node.attr for node in ast.walk(_tree(Optimizer.step)) if isinstance(node, ast.Attribute)}
     assert "ready_to_update_epoch" in read, _changed("ready_to_update_epoch, which Optimizer.step no longer reads")
+
+
+def test_accumulated_gradients_are_still_divided_by_the_micro_batch_count():
+    source = inspect.getsource(GradientAverager.load_accumulators_into_averager_)
+    assert "1.0 / self.local_times_accumulated" in source, _changed(
+        "the mean of the reused .grad buffers over local_times_accumulated (StageOptimizer.accumulate keeps .grad "
+        "at that count times the sample-weighted mean)"
+    )
+
+
+def test_a_part_for_an_unregistered_group_is_still_refused():
+    source = inspect.getsource(DecentralizedAverager.rpc_aggregate_part)
+    assert "request.group_id not in self._running_groups" in source and "BAD_GROUP_ID" in source, _changed(
+        "rpc_aggregate_part's lookup of the group in _running_groups"
+    )
+
+
+def test_the_averaging_weight_is_still_the_samples_unless_given():
+    source = inspect.getsource(GradientAverager.step)
+    assert "self.local_samples_accumulated if weight is None else weight" in source, _changed(
+        "GradientAverager.step's weight (the samples accumulated, or the weight passed)"
+    )
 
 
 def test_a_downloaded_state_still_carries_its_epoch():

@@ -71,6 +71,7 @@ def run_server(args: argparse.Namespace) -> None:
             target_batch_size=args.target_batch_size,
             matchmaking_time=args.matchmaking_time,
             averaging_timeout=args.averaging_timeout,
+            average_state_every=args.average_state_every,
         ),
         checkpoint_dir=args.checkpoint_dir,
         checkpoint_every=args.checkpoint_every,

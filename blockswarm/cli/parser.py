@@ -174,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="an averaging round that takes longer is abandoned; the peer steps on its own gradients (default: 30)",
     )
     training.add_argument(
+        "--average-state-every",
+        type=int,
+        default=5,
+        help="stage steps between averaging rounds of the parameters (gradients are averaged every step; "
+        "default: 5)",
+    )
+    training.add_argument(
         "--checkpoint-dir",
         default=None,
         help="save the span's parameters there (blocks_START-END.stepN.safetensors) every --checkpoint-every "

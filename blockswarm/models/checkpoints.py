@@ -48,29 +48,39 @@ class SpanCheckpoint:
         return _epoch(self.metadata, "span")
 
 
+def span_tensors(blocks: list[nn.Module], start: int) -> dict[str, torch.Tensor]:
+    """Copies of blocks start, start+1, ... under the checkpoint's names `model.layers.{i}.<param>`: a snapshot that
+    later updates of the blocks do not change."""
+    if not blocks:
+        raise ValueError("a span needs at least one block")
+    if start < 0:
+        raise ValueError(f"start must be non-negative, got {start}")
+    return {
+        f"model.layers.{start + i}.{name}": tensor.detach().to("cpu", copy=True).contiguous()
+        for i, block in enumerate(blocks)
+        for name, tensor in block.state_dict().items()
+    }
+
+
 def save_span(blocks: list[nn.Module], start: int, path: Path, metadata: dict[str, str]) -> None:
-    """Write blocks start, start+1, ... to the safetensors file `path` as `model.layers.{i}.<param>`.
+    """Write blocks start, start+1, ... to the safetensors file `path` (`write_span` of their `span_tensors`)."""
+    write_span(span_tensors(blocks, start), start, start + len(blocks), path, metadata)
+
+
+def write_span(tensors: dict[str, torch.Tensor], start: int, end: int, path: Path, metadata: dict[str, str]) -> None:
+    """Write a span's tensors (from `span_tensors`) to the safetensors file `path`.
 
     `metadata` (string values; an "epoch" decides which of several files covering a block `reassemble` uses) is
     stored along with "start" and "end". The file appears complete or not at all: it is written to a temporary file
     in the same directory, flushed to disk and renamed.
     """
-    if not blocks:
-        raise ValueError("save_span needs at least one block")
-    if start < 0:
-        raise ValueError(f"start must be non-negative, got {start}")
     reserved = [key for key in _RESERVED_METADATA if key in metadata]
     if reserved:
         raise ValueError(f"metadata keys {reserved} are reserved: save_span records them itself")
     not_strings = [key for key, value in metadata.items() if not isinstance(key, str) or not isinstance(value, str)]
     if not_strings:
         raise ValueError(f"safetensors metadata must map strings to strings; not so for {not_strings}")
-    tensors = {
-        f"model.layers.{start + i}.{name}": tensor.detach().to("cpu").contiguous()
-        for i, block in enumerate(blocks)
-        for name, tensor in block.state_dict().items()
-    }
-    metadata = {**metadata, "format": "pt", "start": str(start), "end": str(start + len(blocks))}
+    metadata = {**metadata, "format": "pt", "start": str(start), "end": str(end)}
     _write_atomically(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 

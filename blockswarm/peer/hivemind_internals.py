@@ -12,10 +12,13 @@ timeouts), and `stage_training` uses those; what they cannot express is here, wr
 - `Optimizer._make_progress_tracker`: `tracker_opts` tunes hivemind's ProgressTracker but cannot replace it with
   `_SampleCountingTracker`, whose `_progress_reporter` stores its record like hivemind's does: under the tracker's
   `training_progress_key` and `_local_public_key`, stopping on `shutdown_triggered`.
-- `Optimizer._maybe_schedule_gradient_averaging`, `_maybe_schedule_state_averaging`, `_begin_averaging_gradients`
-  and its `scheduled_grads`: hivemind books averaging rounds ahead, with no option to not do it.
-- `Optimizer._should_load_state_from_peers` and `_update_global_epoch`: `step`, their only public caller, also
-  accumulates and reports a micro-batch, and `is_synchronized_with_peers` is a looser check.
+- `Optimizer._should_load_state_from_peers`, `_maybe_schedule_gradient_averaging`, `_maybe_schedule_state_averaging`
+  and `_update_global_epoch`: `step`, their only public caller, also accumulates and reports a micro-batch, and
+  `is_synchronized_with_peers` is a looser check; a stage-mate without micro-batches runs them on its own.
+- `TrainingStateAverager.pending_updates`, `finished_optimizer_step` and `finished_averaging_round` (public names,
+  undocumented): whether a delayed step's parameters are in place yet.
+- `DecentralizedAverager._running_groups`: the all-reduce groups a peer has begun; `_WaitsForLateGroupmates` waits
+  for a group to appear there before hivemind's `rpc_aggregate_part` looks it up.
 
 `_DiesWithPeer` overrides only the public `Process.run`, but the state averager that needs it is built here.
 """
@@ -28,6 +31,8 @@ import logging
 import os
 import signal
 import threading
+import time
+from typing import AsyncIterator  # noqa: UP035 - hivemind recognises streaming handlers by typing's alias
 
 import torch
 from hivemind.averaging import DecentralizedAverager
@@ -35,11 +40,18 @@ from hivemind.optim import Optimizer
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.optim.state_averager import TrainingStateAverager
+from hivemind.p2p import P2PContext
+from hivemind.proto import averaging_pb2
 from hivemind.utils import get_dht_time
+from hivemind.utils.asyncio import achain, as_aiter
 
 logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+_GROUP_POLL_PERIOD = 0.05  # seconds between looks for a group that a groupmate already averages in
+# the averaging weight of a peer that joins a gradient round without samples: its gradients are zeros, so its weight
+# only matters where it ends up averaging alone (a groupmate failed): hivemind divides by the weights' sum, 0/0 there
+_NO_SAMPLES_WEIGHT = 1e-6
 
 
 class _ReceivedStateRecorder(DecentralizedAverager):
@@ -69,11 +81,38 @@ class _DiesWithPeer(DecentralizedAverager):
         super().run()
 
 
-class _GradientAverager(GradientAverager, _DiesWithPeer):
-    """hivemind's GradientAverager, tied to the peer's process."""
+class _WaitsForLateGroupmates(DecentralizedAverager):
+    """Accepts a groupmate's parts for a group this peer has matched but not begun averaging in yet.
+
+    A stage-mate begins its all-reduce as soon as it sees the stage's batch complete; this peer may see it a moment
+    later, and only then registers the group. hivemind then answers BAD_GROUP_ID (it waits for *a* group to be
+    registered, and that wait is already over when the peer's previous round ended after this one was booked),
+    the groupmates average different halves and their parameters drift apart. Here the request waits for the group
+    itself, up to the averager's `next_chunk_timeout`.
+    """
+
+    async def rpc_aggregate_part(
+        self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.AveragingData]:  # hivemind registers the handler by these types
+        request = await anext(stream)
+        deadline = time.monotonic() + (self.next_chunk_timeout or self.request_timeout)
+        while request.group_id not in self._running_groups and time.monotonic() < deadline:
+            await asyncio.sleep(_GROUP_POLL_PERIOD)
+        async for reply in super().rpc_aggregate_part(achain(as_aiter(request), stream), context):
+            yield reply
 
 
-class _StateAverager(TrainingStateAverager, _ReceivedStateRecorder, _DiesWithPeer):
+class _GradientAverager(GradientAverager, _WaitsForLateGroupmates, _DiesWithPeer):
+    """hivemind's GradientAverager, tied to the peer's process, waiting for late groupmates, and averaging with a
+    tiny weight instead of 0 when this peer has no samples."""
+
+    def step(self, weight: float | None = None, **kwargs):
+        if weight is None and self.local_samples_accumulated == 0:
+            weight = _NO_SAMPLES_WEIGHT
+        return super().step(weight=weight, **kwargs)
+
+
+class _StateAverager(TrainingStateAverager, _ReceivedStateRecorder, _WaitsForLateGroupmates, _DiesWithPeer):
     """TrainingStateAverager that records whether load_state_from_peers received a state, and writes the served
     parameters only under `parameters_lock`.
 
@@ -150,12 +189,29 @@ class StageHivemindOptimizer(Optimizer):
         super().__init__(grad_averager_factory=_GradientAverager, **kwargs)
 
     def follow_stage_epoch(self) -> None:
-        """The two checks and the epoch update that hivemind's `step` runs, without a micro-batch: load the stage's
-        state if this peer fell behind, or take part in the step once the stage has its batch."""
+        """What hivemind's `step` runs besides accumulating a micro-batch: apply a finished background step, load the
+        stage's state if this peer fell behind, book the next averaging rounds, and take part in the step once the
+        stage has its batch."""
+        self.state_averager.step(apply_delayed_updates=True)
         if self._should_load_state_from_peers():
             self.load_state_from_peers()
-        elif self.tracker.ready_to_update_epoch:
+            return
+        self._maybe_schedule_gradient_averaging()
+        self._maybe_schedule_state_averaging()
+        if self.tracker.ready_to_update_epoch:
             self._update_global_epoch(grad_scaler=None)
+
+    @property
+    def applied_epoch(self) -> int:
+        """Steps whose parameters are in the served tensors: hivemind counts a delayed step as soon as it begins."""
+        averager = self.state_averager
+        in_progress = any(not update.done() for update in averager.pending_updates)
+        unapplied = averager.finished_optimizer_step.is_set() or averager.finished_averaging_round.is_set()
+        return self.local_epoch - (in_progress or unapplied)
+
+    def finish_pending_step(self) -> None:
+        """Wait for a background step (bounded by the averaging timeout) and put its parameters in place."""
+        self.state_averager.step(wait_for_delayed_updates=True, apply_delayed_updates=True)
 
     def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
         return _StateAverager(
@@ -185,18 +241,3 @@ class StageHivemindOptimizer(Optimizer):
             start=True,
             **kwargs,
         )
-
-    def _maybe_schedule_gradient_averaging(self) -> None:
-        """Books no round ahead. hivemind books one at a time it extrapolates from the sample rate, while a
-        stage-mate that follows the stage without micro-batches (`follow_stage_epoch`) starts looking when the batch
-        is complete: the two would wait in different rounds until the averaging timeout. Every peer starts
-        matchmaking when it steps instead."""
-
-    def _maybe_schedule_state_averaging(self) -> None:
-        """Books no round ahead, for the reason given in `_maybe_schedule_gradient_averaging`."""
-
-    def _begin_averaging_gradients(self, grad_scaler) -> bool:
-        # hivemind keeps the previous step's (spent) round in `scheduled_grads` until it books the next one; with no
-        # booking, it would take that spent round as "used elsewhere" and skip averaging on every other step
-        self.scheduled_grads = None
-        return super()._begin_averaging_gradients(grad_scaler)

@@ -1,10 +1,18 @@
 """A stage's optimizer for SWARM training: the peers serving the same span average gradients and step together.
 
 Each peer of a stage holds its own copy of the span's blocks and computes gradients from the micro-batches that
-trainers send it. `StageOptimizer` hands those gradients to `hivemind.Optimizer`, which accumulates them until the
-stage as a whole has processed `target_batch_size` samples, all-reduces them with the stage-mates and runs the same
-Adam step on every copy, so the copies stay identical. A peer that falls behind, or joins late, downloads the current
-parameters and optimizer state from a stage-mate.
+trainers send it. `StageOptimizer` accumulates them in place, in hivemind's gradient buffers, and counts samples;
+once the stage as a whole has processed `target_batch_size` samples, `hivemind.Optimizer` all-reduces the stage's
+gradients and runs the same Adam step on every copy, so the copies stay identical.
+
+Nothing of that stalls the pipeline: the averaging round is booked ahead (pre-scheduled matchmaking, from the
+stage's sample rate), and the all-reduce and the optimizer step run in the background while the peer keeps serving
+forward and backward passes on the parameters it has (hivemind's delayed parameter updates). The staleness is
+bounded: the new parameters are in place as soon as the step finishes, at the latest before the next step begins,
+so a micro-batch is computed on parameters at most one step old. Parameters (and Adam's state) are also averaged
+every `average_state_every` steps, a safety net for a copy that missed a round. A peer that falls behind, or joins
+late, downloads the current parameters and optimizer state from a stage-mate; a peer whose mates are gone steps
+alone.
 
 This module uses hivemind's public API; what that cannot express is in `hivemind_internals`.
 """
@@ -13,9 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import queue
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -28,8 +36,7 @@ from blockswarm.peer.hivemind_internals import StageHivemindOptimizer
 
 logger = logging.getLogger(__name__)
 
-MAX_PENDING_MICRO_BATCHES = 64  # gradients of micro-batches received but not yet handed to hivemind
-_IDLE_CHECK_PERIOD = 0.2  # seconds between checks, while no micro-batch comes, whether the stage is stepping
+_IDLE_CHECK_PERIOD = 0.2  # seconds without micro-batches after which the peer follows the stage on its own
 
 # hivemind forbids "." in averager prefixes and puts the run id into DHT keys and p2p handler names
 _UNSAFE_RUN_ID_CHARS = re.compile(r"[^A-Za-z0-9_-]")
@@ -44,13 +51,12 @@ class StageTrainingOptions:
     matchmaking_time: float = 3.0  # how long a peer waits for stage-mates to join an averaging round
     averaging_timeout: float = 30.0  # an averaging round that takes longer is abandoned (local gradients are used)
     load_state_timeout: float = 60.0  # per download of the stage's state from a stage-mate
+    average_state_every: int = 5  # stage steps between averaging rounds of parameters and Adam's state
 
     def __post_init__(self):
-        for name in ("learning_rate", "target_batch_size", "matchmaking_time", "averaging_timeout"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if not self.load_state_timeout > 0:
-            raise ValueError(f"load_state_timeout must be positive, got {self.load_state_timeout}")
+        for name, value in vars(self).items():
+            if not value > 0:
+                raise ValueError(f"{name} must be positive, got {value}")
 
 
 def stage_run_id(model_name: str, start: int, end: int) -> str:
@@ -72,13 +78,14 @@ def stage_run_id(model_name: str, start: int, end: int) -> str:
 class StageOptimizer:
     """Adam over a stage's parameters, with gradients averaged across the stage through `hivemind.Optimizer`.
 
-    Parameters are updated in place, so the blocks that serve requests keep using the same tensors, under
-    `parameters_lock`. Calls are serialized by a lock of their own.
+    `accumulate` is called with each micro-batch's gradients from the thread that computes passes (the peer's
+    compute thread); it adds them to the parameters' `.grad` in place and returns at once, also when the micro-batch
+    completes the stage's batch: the averaging round and the optimizer step then run in the background. The new
+    parameters are written into the served tensors under `parameters_lock`, between passes.
 
-    A peer uses `submit`: its reply to the trainer must not wait for an averaging round, which the trainer's later
-    micro-batches may be needed to complete. While no micro-batch comes, the worker thread follows the stage: it
-    joins a step that its stage-mates' samples complete (with its own gradients, or none), and loads the stage's
-    state when it fell behind, so the copies step together whichever peers the trainers picked.
+    While no micro-batch comes, a thread of its own follows the stage: it joins a step that its stage-mates'
+    samples complete (with the gradients it has, possibly none), applies a finished step, and loads the stage's
+    state when this peer fell behind, so the copies step together whichever peers the trainers picked.
 
     hivemind publishes each peer's progress in DHT records signed with its process-wide RSA key: the DHT's
     RSASignatureValidator must use that key too (`make_validators()` without an identity does), or the records are
@@ -110,6 +117,13 @@ class StageOptimizer:
             batch_size_per_step=None,  # each micro-batch says its own size
             optimizer=partial(torch.optim.Adam, lr=options.learning_rate),
             params=parameters,
+            # the parameters' .grad are the accumulators: no copy of a micro-batch's gradients is kept
+            reuse_grad_buffers=True,
+            # average, step and average the state in the background, booking averaging rounds ahead
+            delay_grad_averaging=True,
+            delay_optimizer_step=True,
+            delay_state_averaging=True,
+            average_state_every=options.average_state_every,
             matchmaking_time=options.matchmaking_time,
             averaging_timeout=options.averaging_timeout,
             # hivemind drops a stage-mate from an all-reduce when its next chunk is late by this much (by default the
@@ -125,91 +139,95 @@ class StageOptimizer:
             tracker_opts=dict(
                 min_refresh_period=0.2, max_refresh_period=1.0, default_refresh_period=0.5, private_key=signing_key
             ),
-            # average parameters with the stage-mates right after each step, not in the background: a delayed
-            # average is applied a step late and keeps the copies apart
-            delay_state_averaging=False,
-            # but not Adam's moments: hivemind averages the moment tensors it found at start, and a peer that loads
-            # the stage's state gets new ones, so its mates would average with stale zeros (halving their moments).
-            # Copies that take every step on the same averaged gradients keep equal moments anyway, and a peer that
-            # missed a step loads the whole state, moments included.
+            # Adam's moments are not averaged with the parameters: hivemind averages the moment tensors it found at
+            # start, and a peer that loads the stage's state gets new ones, so its mates would average with stale
+            # zeros (halving their moments). Copies that take every step on the same averaged gradients keep equal
+            # moments anyway, and a peer that missed a step loads the whole state, moments included.
             verbose=False,
         )
         self._parameters = parameters
-        self._epoch = 0  # hivemind counts a step before its averaged parameters are written; this counts after
-        self.on_step: Callable[[int], None] | None = None  # called with the new epoch after each `submit`ted step
-        # bounded: a trainer faster than the stage's steps waits in `submit` (backpressure) instead of filling memory
-        self._submitted: queue.Queue = queue.Queue(maxsize=MAX_PENDING_MICRO_BATCHES)
-        self._worker = threading.Thread(target=self._step_submitted, name="blockswarm-stage-optimizer", daemon=True)
-        self._shut_down = False
-        self._worker.start()
+        self._epoch = 0  # steps whose parameters are in place (hivemind counts a step as soon as it begins)
+        self._last_micro_batch = 0.0
+        self.on_step: Callable[[int], None] | None = None  # called with the new epoch after each step is in place
+        # samples of the step in progress (or last made): (this peer's, the stage's as this peer saw them)
+        self.step_samples: tuple[int, int] = (0, 0)
+        self._stopping, self._shut_down = threading.Event(), False
+        self._follower = threading.Thread(target=self._follow_while_idle, name="blockswarm-stage", daemon=True)
+        self._follower.start()
 
     def load_state_from_peers(self) -> bool:
         """Download parameters, optimizer state and epoch from a stage-mate; False when there is none to ask.
 
         For a peer joining a stage late, before it serves. A peer that falls behind later catches up by itself:
-        its next `step` notices that the stage moved on and loads the state instead of using its gradients.
+        its next `accumulate` notices that the stage moved on and loads the state instead of using its gradients.
         """
         with self._lock:
             averager = self._optimizer.state_averager
             averager.received_epoch = None
             epoch_before = self.epoch
             self._optimizer.load_state_from_peers()
-            self._epoch = self._optimizer.local_epoch
+            self._note_epoch()
             # hivemind refuses (silently) a state from a stage-mate that is behind us
             return averager.received_epoch is not None and averager.received_epoch >= epoch_before
 
-    def submit(self, grads: list[torch.Tensor], batch_size: int) -> None:
-        """Queue one micro-batch's gradients (one per parameter, in order) for `step` on a background thread."""
-        if len(grads) != len(self._parameters):
-            raise ValueError(f"expected {len(self._parameters)} gradients, got {len(grads)}")
-        self._submitted.put((grads, batch_size))
+    def accumulate(self, grads: list[torch.Tensor], batch_size: int) -> None:
+        """Add one micro-batch's gradients (one per parameter, in order) of `batch_size` samples to this step's.
 
-    def _step_submitted(self) -> None:
-        while True:
-            try:
-                item = self._submitted.get(timeout=_IDLE_CHECK_PERIOD)
-            except queue.Empty:
-                item = ()
-            if item is None:
-                return
-            try:
-                epoch = self.epoch
-                if item:
-                    grads, batch_size = item
-                    self.step(batch_size, grads)
-                else:
-                    self.follow_stage()
-                if self.epoch != epoch and self.on_step is not None:
-                    self.on_step(self.epoch)
-            except Exception:
-                logger.exception("the stage optimizer failed; gradients accumulated for this step may be lost")
-
-    def follow_stage(self) -> None:
-        """Without new gradients: take part in the stage's step once its stage-mates' samples complete the batch
-        (contributing what this peer accumulated, possibly nothing), or load the stage's state if this peer fell
-        behind. hivemind does both only inside `step`, which a peer that gets no micro-batch never calls."""
-        with self._lock:
-            self._optimizer.follow_stage_epoch()
-            self._epoch = self._optimizer.local_epoch
-
-    def step(self, batch_size: int, grads: list[torch.Tensor]) -> None:
-        """Hand over the gradients of one micro-batch of `batch_size` samples (one per parameter, in order).
-
-        hivemind accumulates them; once the stage has `target_batch_size` samples in all, this call averages
-        gradients with the stage-mates (blocking for up to about matchmaking_time + averaging_timeout) and steps.
-        The gradients are dropped when this peer turns out to be behind the stage: it loads the stage's state instead.
+        The step's gradient is the mean over its samples (each micro-batch's gradient weighted by its size). The
+        gradients are dropped when this peer turns out to be behind the stage: it loads the stage's state instead.
         """
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        with self._lock:
+        if len(grads) != len(self._parameters):
+            raise ValueError(f"expected {len(self._parameters)} gradients, got {len(grads)}")
+        with self._lock, torch.no_grad():
+            # hivemind hands the sum of the `.grad` buffers over the number of micro-batches (`times`) to the
+            # all-reduce, weighted by samples: keeping `.grad` = times x (the sample-weighted mean so far) makes
+            # that the mean over samples, whatever the micro-batches' sizes
+            averager = self._optimizer.grad_averager
+            times, samples = averager.local_times_accumulated, averager.local_samples_accumulated
+            keep = (times + 1) * samples / (times * (samples + batch_size)) if times else 0.0
+            add = batch_size * (times + 1) / (samples + batch_size)
+            for parameter, grad in zip(self._parameters, grads):
+                if parameter.grad is None:
+                    parameter.grad = torch.zeros_like(parameter)
+                parameter.grad.mul_(keep).add_(grad.to(parameter.grad.dtype), alpha=add)
+            self._begin_step_if_due(partial(self._optimizer.step, batch_size=batch_size), batch_size)
+            self._last_micro_batch = time.monotonic()
+
+    def _follow_while_idle(self) -> None:
+        while not self._stopping.wait(_IDLE_CHECK_PERIOD):
+            if time.monotonic() - self._last_micro_batch < _IDLE_CHECK_PERIOD:
+                continue
             try:
-                for parameter, grad in zip(self._parameters, grads):
-                    parameter.grad = grad
-                self._optimizer.step(batch_size=batch_size)
-            finally:
-                # hivemind copies param.grad into its own accumulators and leaves it as is
-                self._optimizer.zero_grad(set_to_none=True)
-                self._epoch = self._optimizer.local_epoch
+                self.follow_stage()
+            except Exception:
+                logger.exception("following the stage failed; the next micro-batch or check tries again")
+
+    def follow_stage(self) -> None:
+        """Without new gradients: put a finished step's parameters in place, take part in the stage's step once its
+        stage-mates' samples complete the batch (contributing what this peer accumulated, possibly nothing), or load
+        the stage's state if this peer fell behind. hivemind does these only inside `step`, which a peer that gets no
+        micro-batch never calls."""
+        with self._lock:
+            self._begin_step_if_due(self._optimizer.follow_stage_epoch, 0)
+
+    def _begin_step_if_due(self, call: Callable[[], object], batch_size: int) -> None:
+        """`call` (hivemind's step or follow), noting the samples of a step it begins and any step it completes."""
+        own = self._optimizer.grad_averager.local_samples_accumulated + batch_size
+        stage = self._optimizer.tracker.global_progress.samples_accumulated + batch_size
+        began = self._optimizer.local_epoch
+        call()
+        if self._optimizer.local_epoch != began:
+            self.step_samples = (own, max(own, stage))
+        self._note_epoch()
+
+    def _note_epoch(self) -> None:
+        epoch = self._optimizer.applied_epoch
+        if epoch != self._epoch:
+            self._epoch = epoch
+            if self.on_step is not None:
+                self.on_step(epoch)
 
     @property
     def epoch(self) -> int:
@@ -217,13 +235,17 @@ class StageOptimizer:
         return self._epoch
 
     def shutdown(self) -> None:
-        """Finish the submitted micro-batches, say goodbye to stage-mates, stop the averager processes (idempotent)."""
-        if self._worker.is_alive():
-            self._submitted.put(None)
-            self._worker.join()
+        """Finish and apply a step in progress, say goodbye to stage-mates, stop the averager processes
+        (idempotent)."""
+        self._stopping.set()
+        if self._follower.is_alive():
+            self._follower.join()
         with self._lock:
             # also when the averager processes are gone (a signal to the peer's whole group kills them): the
             # progress tracker's threads would otherwise keep the peer's process from exiting
             if not self._shut_down:
                 self._shut_down = True
+                if self._optimizer.state_averager.is_alive():
+                    self._optimizer.finish_pending_step()
+                    self._note_epoch()
                 self._optimizer.shutdown()
