@@ -177,8 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--average-state-every",
         type=int,
         default=5,
-        help="stage steps between averaging rounds of the parameters (gradients are averaged every step; "
-        "default: 5)",
+        help="stage steps between averaging rounds of the parameters (gradients are averaged every step; default: 5)",
     )
     training.add_argument(
         "--checkpoint-dir",
