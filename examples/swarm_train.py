@@ -1,9 +1,12 @@
-"""SWARM training: a trainer sends micro-batches through stages of `run-server --train` peers, which average
-gradients within each stage and step together; then the trained spans are reassembled into one checkpoint.
+"""SWARM training: a trainer keeps micro-batches in flight through stages of `run-server --train` peers, which
+average gradients within each stage and step together in the background; then the trained spans are reassembled
+into one checkpoint.
 
 Without --initial-peers it builds a tiny random model and starts a local swarm: a bootstrap node and two stages
 of two training peers each, saving their spans under --out/spans. The trainer trains the blocks only (the
-embeddings and head stay as they are). Prints the loss of every micro-batch.
+embeddings and head stay as they are), shows a progress bar (samples, loss, samples/s) and, every
+--eval-every micro-batches, waits for the stages' steps and prints the loss. Run several copies of it against
+the same --initial-peers and they train the same stages together.
 
     python examples/swarm_train.py
     python examples/swarm_train.py --model DIR --initial-peers MADDR ...   # peers started with --train
@@ -17,9 +20,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from blockswarm.client import DistributedModelForCausalLM
+from blockswarm.client import DistributedModelForCausalLM, SwarmTrainer, causal_lm_loss
 from blockswarm.local_swarm import LocalSwarm
 from blockswarm.models.checkpoints import reassemble
 from blockswarm.models.random_init import init_random_model
@@ -40,7 +42,9 @@ def main() -> None:
     parser.add_argument(
         "--train-key", default="example-run", help="the run's secret (the --train-key its training peers got)"
     )
-    parser.add_argument("--micro-batches", type=int, default=40)
+    parser.add_argument("--micro-batches", type=int, default=320)
+    parser.add_argument("--in-flight", type=int, default=None, help="micro-batches in flight (default: 2 x stages)")
+    parser.add_argument("--eval-every", type=int, default=80, help="micro-batches between evaluations")
     parser.add_argument("--out", default="swarm-trained", help="where span checkpoints and the result go")
     args = parser.parse_args()
 
@@ -52,7 +56,7 @@ def main() -> None:
         if not peers:
             swarm = stack.enter_context(LocalSwarm(model_dir, work / "logs"))
             swarm.start_bootstrap()
-            training = ("--train", "--train-key", args.train_key, "--target-batch-size", "8")
+            training = ("--train", "--train-key", args.train_key, "--target-batch-size", "64")
             training += ("--checkpoint-dir", str(out / "spans"))
             for process in [swarm.start_peer("--blocks", span, *training, wait=False) for span in STAGES]:
                 swarm.wait_peer(process)
@@ -60,12 +64,14 @@ def main() -> None:
         with DistributedModelForCausalLM.from_pretrained(
             model_dir, peers, swarm_training=True, train_key=args.train_key
         ) as model:
-            for index in range(args.micro_batches):
-                input_ids = micro_batch(index)
-                logits = model(input_ids)
-                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten())
-                loss.backward()  # the peers learn; each stage steps once it has seen its target batch size
-                print(f"micro-batch {index:3d}  loss {loss.item():.4f}", flush=True)
+            trainer = SwarmTrainer(model, in_flight=args.in_flight)
+            for first in range(0, args.micro_batches, args.eval_every):
+                indices = range(first, min(first + args.eval_every, args.micro_batches))
+                report = trainer.train([micro_batch(index) for index in indices])
+                trainer.wait_for_stage_steps()  # evaluate on the blocks that these samples trained
+                with torch.no_grad():
+                    loss = causal_lm_loss(model(micro_batch(0)), micro_batch(0)).item()
+                print(f"after {indices.stop * 4} samples ({report.samples_per_s:.1f}/s): loss {loss:.4f}", flush=True)
             print(f"optimizer steps per training peer: {model.remote.stage_steps()}")
     # the peers saved their spans on exit; where several files cover a block, reassemble takes the newest step
     spans = sorted((out / "spans").glob("blocks_*.safetensors"))

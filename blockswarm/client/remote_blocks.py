@@ -109,9 +109,14 @@ class RemoteBlocks:
         if self.chain.train and torch.is_grad_enabled():
             if not hidden.requires_grad:
                 hidden = hidden.detach().requires_grad_(True)  # a trainer's backward must reach the peers' blocks
-            if self._steps_before is None:
-                self._steps_before = self.loop.run(self._training_steps())
+            self.open_stage_batch()
         return _RemoteBlocksFunction.apply(hidden, self, adapter_spec, *adapter_tensors)
+
+    def open_stage_batch(self) -> None:
+        """Note the training peers' steps as a batch begins (unless one is open): `wait_for_stage_steps` waits until
+        each has stepped past them. A trainer's first training forward opens one."""
+        if self._steps_before is None:
+            self._steps_before = self.loop.run(self._training_steps())
 
     def wait_for_stage_steps(self, timeout: float = 120.0) -> None:
         """Block until every training peer has stepped since this batch began (when the previous call returned, or
