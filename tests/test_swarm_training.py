@@ -1,8 +1,10 @@
-"""SWARM training on loopback: 2 stages x 2 training peers, one trainer sending micro-batches through them."""
+"""SWARM training on loopback: 2 stages x 2 training peers, two trainers keeping micro-batches in flight through
+them at once."""
 
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -13,9 +15,11 @@ from hivemind.p2p import PeerID
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from blockswarm.client import DistributedModelForCausalLM
+from blockswarm.client import DistributedModelForCausalLM, SwarmTrainer, TrainingReport
 from blockswarm.local_swarm import LocalSwarm
 from blockswarm.models.checkpoints import load_span, reassemble
+from blockswarm.monitor import start_monitor
+from blockswarm.monitor.page import render_page
 from blockswarm.pipeline.hops import PeerError
 from blockswarm.pipeline.streams import call
 from blockswarm.wire.messages import BACKWARD_RPC, ChainRequest
@@ -50,16 +54,26 @@ def lm_loss(model, input_ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten())
 
 
-def train(model, steps: int) -> list[float]:
-    """`steps` stage steps of 8 samples: two micro-batches of 4, then wait until every training peer has stepped."""
-    losses = []
-    for step in range(steps):
-        for micro_batch in range(2):
-            loss = lm_loss(model, data(2 * step + micro_batch))
-            loss.backward()
-            losses.append(loss.item())
-        model.remote.wait_for_stage_steps(timeout=60)
-    return losses
+def train_together(trainers: list[SwarmTrainer], micro_batches: int) -> list[TrainingReport]:
+    """Each trainer sends `micro_batches` micro-batches (4 samples each) at the same time as the others, never
+    waiting for the stages."""
+    reports: list[TrainingReport | BaseException] = [RuntimeError("did not finish")] * len(trainers)
+
+    def run(index: int) -> None:
+        try:
+            reports[index] = trainers[index].train([data(2 * i + index) for i in range(micro_batches)])
+        except BaseException as error:
+            reports[index] = error
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(len(trainers))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for report in reports:
+        if isinstance(report, BaseException):
+            raise report
+    return reports
 
 
 def checkpoints(directory: Path) -> dict[int, Path]:
@@ -83,6 +97,26 @@ def assert_same_tensors(a: dict, b: dict, atol: float = 1e-5) -> None:
     assert a.keys() == b.keys()
     for name in a:
         assert torch.allclose(a[name], b[name], atol=atol), name
+
+
+def assert_monitor_shows_training(swarm: LocalSwarm, steps: dict[str, int], timeout: float = 60.0) -> None:
+    """A monitor crawling the swarm lists every training peer with its stage and at least its step in `steps`."""
+    monitor = start_monitor(swarm.initial_peers, "127.0.0.1", 0, period=1.0)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            snapshot = monitor.crawler.history.latest()
+            peers = {peer.peer_id: peer for model in (snapshot.models if snapshot else []) for peer in model.peers}
+            shown = {peer_id: peers[peer_id].training_step for peer_id in steps if peer_id in peers}
+            if all(peers[p].training and (shown[p] or 0) >= steps[p] for p in shown) and len(shown) == len(steps):
+                break
+            assert time.monotonic() < deadline, f"the monitor shows {shown}, not the peers' steps {steps}"
+            time.sleep(0.5)
+        page = render_page(snapshot, {}, period=1.0)
+        assert page.count('<span class="badge training">stage 0:4</span> step') == 2
+        assert page.count('<span class="badge training">stage 4:8</span> step') == 2
+    finally:
+        monitor.stop()
 
 
 def assert_strangers_cannot_train(model, peer_id: PeerID) -> None:
@@ -121,28 +155,41 @@ def test_swarm_training(tiny_model, tmp_path):
         for process, _ in peers.values():
             swarm.wait_peer(process)
 
-        with DistributedModelForCausalLM.from_pretrained(
-            tiny_model, swarm.initial_peers, swarm_training=True, train_key=RUN_KEY, step_timeout=60
-        ) as model:
+        connect = dict(swarm_training=True, train_key=RUN_KEY, step_timeout=60)
+        with (
+            DistributedModelForCausalLM.from_pretrained(tiny_model, swarm.initial_peers, **connect) as model,
+            DistributedModelForCausalLM.from_pretrained(tiny_model, swarm.initial_peers, **connect) as other,
+        ):
             assert model.remote.codec == "int8-blockwise"
             assert_strangers_cannot_train(model, PeerID.from_base58(peers["0:4", "a"][0].peer_id))
             with torch.no_grad():
                 before = lm_loss(model, data(0)).item()
-            train(model, 4)
-            assert sorted(model.remote.stage_steps().values()) == [4, 4, 4, 4]  # every peer, idle or not, stepped
+            trainers = [SwarmTrainer(model, progress=False), SwarmTrainer(other, progress=False)]
+            assert trainers[0].in_flight == 4  # twice the stages
+            reports = train_together(trainers, 8)
+            assert [report.samples for report in reports] == [32, 32]
+            trainers[0].wait_for_stage_steps(timeout=60)
+            assert min(model.remote.stage_steps().values()) >= 2  # every peer, however many micro-batches it got
             with torch.no_grad():
                 after = lm_loss(model, data(0)).item()
             assert after < before * 0.8, (before, after)
+
+            assert_monitor_shows_training(swarm, model.remote.stage_steps())
 
             # after averaging rounds, the two peers of each stage hold the same parameters
             for span in STAGES:
                 assert_same_tensors(*common_step(peers[span, "a"][1], peers[span, "b"][1]))
 
-            # a peer killed mid-training does not stop training
-            peers["4:8", "a"][0].signal(signal.SIGKILL)
-            losses = train(model, 2)
-            assert all(torch.isfinite(torch.tensor(losses)))
-            assert sorted(model.remote.stage_steps().values()) == [6, 6, 6]
+            # a peer killed mid-training does not stop training: its micro-batches go to its stage-mate, and
+            # every sample is counted once
+            killer = threading.Timer(1.0, peers["4:8", "a"][0].signal, args=(signal.SIGKILL,))
+            killer.start()
+            reports = train_together(trainers, 8)
+            killer.join()
+            assert [report.samples for report in reports] == [32, 32]
+            assert all(torch.isfinite(torch.tensor(report.losses)).all() for report in reports)
+            trainers[0].wait_for_stage_steps(timeout=60)  # the living peers stepped again
+            assert len(model.remote.stage_steps()) == 3
 
             # a peer joining a stage late starts from the stage's current state
             late_dir = tmp_path / "4-8late"

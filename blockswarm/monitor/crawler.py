@@ -131,8 +131,13 @@ class Crawler:
         """Call the peer's `info` RPC; any failure or a malformed reply means unreachable."""
         began = time.perf_counter()
         try:
-            await request_status(self._p2p, peer_id, self.info_timeout)
-            result = Reachability(reachable=True, checked_at=time.time(), rtt_ms=(time.perf_counter() - began) * 1000)
+            status = await request_status(self._p2p, peer_id, self.info_timeout)
+            result = Reachability(
+                reachable=True,
+                checked_at=time.time(),
+                rtt_ms=(time.perf_counter() - began) * 1000,
+                training_step=status.training_step,
+            )
         except TimeoutError:
             result = Reachability(
                 reachable=False, checked_at=time.time(), error=f"no reply within {self.info_timeout:g} s"

@@ -39,6 +39,10 @@ PER_MODEL: dict[str, tuple[str, Callable[[ModelState], float]]] = {  # name -> (
         "Requests waiting for compute on a model's ONLINE peers, as last announced.",
         lambda m: sum(p.queued_requests for p in m.peers if p.serving),
     ),
+    "blockswarm_training_peers": (
+        "Serving peers of a model that train their blocks (SWARM stages).",
+        lambda m: sum(p.training for p in m.peers if p.serving),
+    ),
     "blockswarm_peers_reported_lying": (
         "Peers of a model that at least one client's spot checks caught returning wrong outputs.",
         lambda m: sum(p.lie_reports > 0 for p in m.peers),

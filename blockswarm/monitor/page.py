@@ -32,6 +32,7 @@ section.model h2 { font-size: 1.1rem; margin: 0; overflow-wrap: anywhere; }
 .broken, .offline, .unreachable { background: var(--bad); }
 .joining, .draining { background: var(--warn); }
 .relay { background: #6f42c1; }
+.training { background: #0969da; }
 .facts { display: flex; flex-wrap: wrap; gap: 4px 18px; margin: 6px 0 10px; }
 .summary { display: flex; flex-wrap: wrap; gap: 16px; align-items: flex-start; }
 .coverage { flex: 1 1 320px; }
@@ -117,7 +118,7 @@ def _model(model: ModelState, points: list[HistoryPoint]) -> str:
 <h2>{escape(model.name)} <span class="badge {health}">{health}</span></h2>
 <div class="facts muted">
 <span>{model.covered_blocks} / {model.num_blocks} blocks covered</span>
-<span>{len(model.peers)} peer(s)</span>
+<span>{len(model.peers)} peer(s){_training_summary(model)}</span>
 <span>throughput per block: min {_number(model.min_throughput)} · avg {_number(model.avg_throughput)}</span>
 <span>{escape(model.family)} · config <code>{escape(model.config_hash[:8])}</code>
 · weights <code>{escape(model.weights_hash[:8])}</code></span>
@@ -177,6 +178,11 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"
 
 
+def _training_summary(model: ModelState) -> str:
+    training = sum(peer.training for peer in model.peers)
+    return f", {training} training" if training else ""
+
+
 def _number(value: float) -> str:
     """Short and readable: 25700 -> 25.7k."""
     for threshold, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
@@ -192,6 +198,7 @@ PEER_COLUMNS = (
     "Reachable",
     "Connection",
     "Span",
+    "Training",
     "Throughput",
     "Inference / forward rps",
     "Dtype / quant",
@@ -237,6 +244,7 @@ def _peer_row(peer: PeerRecord, num_blocks: int) -> str:
         _td(reachable),
         _td(_connection(peer.using_relay)),
         _td(f'{span}<span class="muted">{peer.start}:{peer.end}</span>'),
+        _td(_training(peer)),
         _td(_number(peer.throughput), numeric=True),
         _td(" / ".join(_rps(rps) for rps in (peer.inference_rps, peer.forward_rps)), numeric=True),
         _td(f"{escape(peer.dtype)} / {escape(peer.quant)}"),
@@ -247,6 +255,13 @@ def _peer_row(peer: PeerRecord, num_blocks: int) -> str:
         _td(pings),
     ]
     return f'<tr data-peer-id="{peer.peer_id}" data-state="{peer.state.value}">{"".join(cells)}</tr>'
+
+
+def _training(peer: PeerRecord) -> str:
+    if not peer.training:
+        return '<span class="muted">frozen</span>'
+    step = "step ?" if peer.training_step is None else f"step {peer.training_step}"
+    return f'<span class="badge training">stage {peer.start}:{peer.end}</span> {step}'
 
 
 def _connection(using_relay: bool) -> str:

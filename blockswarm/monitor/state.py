@@ -23,6 +23,7 @@ class Reachability(BaseModel):
     checked_at: float
     rtt_ms: float | None = None
     error: str | None = None
+    training_step: int | None = None  # the optimizer steps of its SWARM stage, as it replied; None when frozen
 
 
 class PeerRecord(BaseModel):
@@ -50,6 +51,8 @@ class PeerRecord(BaseModel):
     rtt_ms: float | None
     error: str | None
     lie_reports: int = 0  # distinct clients whose spot checks caught it returning wrong outputs (unverified claims)
+    training: bool = False  # a SWARM training peer (--train): its stage is its span [start, end)
+    training_step: int | None = None  # its stage's optimizer steps, from its `info` reply
 
     @property
     def serving(self) -> bool:
@@ -108,6 +111,7 @@ def peer_record(
         reachable=reachability.reachable if reachability else None,
         rtt_ms=reachability.rtt_ms if reachability else None,
         error=reachability.error if reachability else None,
+        training_step=reachability.training_step if reachability else None,
         **info.model_dump(
             include={
                 "public_name",
@@ -126,6 +130,7 @@ def peer_record(
                 "queued_requests",
                 "next_pings",
                 "using_relay",
+                "training",
             }
         ),
     )
