@@ -1,13 +1,15 @@
 """SWARM training (2 stages x 2 training peers, 8-bit wire) vs the same training in one local process.
 
-Tiny preset, a bootstrap node and 4 `run-server --train` peers on loopback. Both runs train the transformer
-blocks (the embeddings and head stay frozen) with Adam on the same micro-batches of the same learnable token
-sequences, one optimizer step per `--target-batch-size` samples: the swarm's trainer waits for the stages' step
-after each batch (`wait_for_stage_steps`), and the JSON reports each peer's step count. Final losses are measured
-on the training sequences after the last step: the swarm's trained blocks exactly (codec none, as the local
-blocks are read), and also through the run's wire (`swarm_final_loss_through_wire`). Wire bytes count every
-activation and gradient the trainer sends and receives: as they travel (`--codec`, int8-blockwise by default) and
-as fp32 would.
+Tiny preset, a bootstrap node and 4 `run-server --train` peers on loopback. Both train the transformer blocks (the
+embeddings and head stay frozen) with Adam on the same micro-batches of the same learnable token sequences, one
+optimizer step per `--target-batch-size` samples. On the swarm, `SwarmTrainer`s keep micro-batches in flight and
+never wait for the stages, which step in the background as their batches fill; it runs once per `--trainers`
+count, on fresh stages, the trainers in processes of their own sharing the micro-batches. Final losses are measured
+on the training sequences once the stages' steps are in place: the swarm's trained blocks exactly (codec none, as
+the local blocks are read), and also through the run's wire (`swarm_final_loss_through_wire`). `speed_ratio` is
+the swarm's samples/s over local training's; wire bytes count every activation and gradient the trainers send and
+receive: as they travel (`--codec`, int8-blockwise by default) and as fp32 would. The JSON's top-level figures are
+the first `--trainers` count's; the others' are under `trainers_N`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads, as `b
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import multiprocessing  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -26,7 +29,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import blockswarm.pipeline.chain as chain_module  # noqa: E402
-from blockswarm.client import DistributedModelForCausalLM  # noqa: E402
+from blockswarm.client import DistributedModelForCausalLM, SwarmTrainer  # noqa: E402
 from blockswarm.local_swarm import LocalSwarm  # noqa: E402
 from blockswarm.models import load_blocks, load_ends  # noqa: E402
 from blockswarm.models.random_init import init_random_model  # noqa: E402
@@ -111,84 +114,163 @@ class WireCounter:
         return self.compressed + sum(r[0] for r in received), self.uncompressed + sum(r[1] for r in received)
 
 
-def train_on_swarm(model_dir: Path, work: Path, steps: int, accumulation: int, lr: float, codec: str) -> dict:
-    target = accumulation * MICRO_BATCH
-    with LocalSwarm(model_dir, work / "logs") as swarm:
-        swarm.start_bootstrap()
-        training_args = (
-            "--train",
-            "--train-key",
-            RUN_KEY,
-            "--learning-rate",
-            str(lr),
-            "--target-batch-size",
-            str(target),
-        )
-        for process in [swarm.start_peer("--blocks", span, *training_args, wait=False) for span in STAGES]:
-            swarm.wait_peer(process)
-        with (
-            WireCounter() as counter,
-            DistributedModelForCausalLM.from_pretrained(
-                model_dir, swarm.initial_peers, codec=codec, swarm_training=True, train_key=RUN_KEY, step_timeout=60
-            ) as model,
-        ):
-            began = time.perf_counter()
-            for index in range(steps * accumulation):
-                # unscaled: each stage averages its micro-batches' gradients (by samples) into one step
-                lm_loss(model(micro_batch(index)), micro_batch(index)).backward()
-                if (index + 1) % accumulation == 0:
-                    model.remote.wait_for_stage_steps()  # one step per batch, as local training does
-            samples = steps * accumulation * MICRO_BATCH
-            samples_per_s = samples / (time.perf_counter() - began)
-            compressed, uncompressed = (total / samples for total in counter.totals())
+def start_stages(swarm: LocalSwarm, target: int, lr: float) -> None:
+    swarm.start_bootstrap()
+    training_args = ("--train", "--train-key", RUN_KEY, "--learning-rate", str(lr), "--target-batch-size", str(target))
+    for process in [swarm.start_peer("--blocks", span, *training_args, wait=False) for span in STAGES]:
+        swarm.wait_peer(process)
+
+
+def connect(model_dir: Path, initial_peers: list[str], codec: str) -> DistributedModelForCausalLM:
+    return DistributedModelForCausalLM.from_pretrained(
+        model_dir, initial_peers, codec=codec, swarm_training=True, train_key=RUN_KEY, step_timeout=60
+    )
+
+
+def run_trainer(
+    model_dir: Path, initial_peers: list[str], codec: str, indices: range, in_flight: int | None, ready
+) -> dict:
+    """One trainer's share of the micro-batches, begun when every trainer has connected (`ready`, a barrier)."""
+    with WireCounter() as counter, connect(model_dir, initial_peers, codec) as model:
+        trainer = SwarmTrainer(model, in_flight=in_flight, progress=False)
+        ready.wait()
+        began = time.time()
+        report = trainer.train(micro_batch(index) for index in indices)
+        finished = time.time()
+        compressed, uncompressed = counter.totals()
+    return dict(
+        samples=report.samples,
+        began=began,
+        finished=finished,
+        in_flight=trainer.in_flight,
+        compressed=compressed,
+        uncompressed=uncompressed,
+    )
+
+
+def _trainer_process(results, *args) -> None:
+    results.put(run_trainer(*args))
+
+
+def settled_stage_steps(model: DistributedModelForCausalLM, quiet: float = 3.0, timeout: float = 120.0) -> list[int]:
+    """Each training peer's stage steps once none has changed for `quiet` seconds (the steps that the trained
+    samples completed are in place; samples of a last, partial batch stay accumulated, unused, as locally)."""
+    steps, deadline = model.remote.stage_steps(), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        steps, previous = model.remote.stage_steps(), steps
+        if steps == previous:
+            break
+    return sorted(steps.values())
+
+
+def train_on_swarm(
+    model_dir: Path, work: Path, micro_batches: int, target: int, lr: float, codec: str, trainers: int, in_flight
+) -> dict:
+    """Fresh stages trained by `trainers` trainers at once, each in a process of its own with every `trainers`-th
+    micro-batch; samples/s: all samples over the time from the trainers' common start to the last one's end."""
+    with LocalSwarm(model_dir, work / f"logs-{trainers}") as swarm:
+        start_stages(swarm, target, lr)
+        context = multiprocessing.get_context("spawn")
+        results, ready = context.Queue(), context.Barrier(trainers)
+        processes = [
+            context.Process(
+                target=_trainer_process,
+                args=(
+                    results,
+                    model_dir,
+                    swarm.initial_peers,
+                    codec,
+                    range(first, micro_batches, trainers),
+                    in_flight,
+                    ready,
+                ),
+            )
+            for first in range(trainers)
+        ]
+        for process in processes:
+            process.start()
+        reports = [results.get(timeout=3600) for _ in processes]
+        for process in processes:
+            process.join()
+        samples = sum(report["samples"] for report in reports)
+        with connect(model_dir, swarm.initial_peers, codec) as model:
+            stage_steps = settled_stage_steps(model)
             wire_loss = evaluate(model)
-            stage_steps = sorted(model.remote.stage_steps().values())
         # the trained blocks, read exactly (as the local run's are), not through the 8-bit wire
-        with DistributedModelForCausalLM.from_pretrained(
-            model_dir, swarm.initial_peers, codec="none", swarm_training=True, train_key=RUN_KEY, step_timeout=60
-        ) as exact:
+        with connect(model_dir, swarm.initial_peers, "none") as exact:
             final_loss = evaluate(exact)
     return dict(
+        samples=samples,
+        in_flight=reports[0]["in_flight"],
         stage_steps=stage_steps,
         swarm_final_loss=final_loss,
         swarm_final_loss_through_wire=wire_loss,
-        swarm_samples_per_s=samples_per_s,
-        compressed_wire_bytes_per_sample=compressed,
-        uncompressed_wire_bytes_per_sample=uncompressed,
+        swarm_samples_per_s=samples / (max(r["finished"] for r in reports) - min(r["began"] for r in reports)),
+        compressed_wire_bytes_per_sample=sum(report["compressed"] for report in reports) / samples,
+        uncompressed_wire_bytes_per_sample=sum(report["uncompressed"] for report in reports) / samples,
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20, help="optimizer steps")
-    parser.add_argument("--target-batch-size", type=int, default=8, help="samples per optimizer step")
+    parser.add_argument("--samples", type=int, default=2560, help="training samples, locally and on each swarm run")
+    parser.add_argument("--target-batch-size", type=int, default=128, help="samples per optimizer step")
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--in-flight", type=int, default=None, help="micro-batches each trainer keeps in flight")
+    parser.add_argument("--trainers", type=int, nargs="+", default=[1, 2], help="trainer counts to run")
     parser.add_argument("--codec", default="int8-blockwise", help="wire codec of the swarm run ('none': exact)")
     args = parser.parse_args()
-    if args.target_batch_size % MICRO_BATCH:
-        parser.error(f"--target-batch-size must be a multiple of the micro-batch size {MICRO_BATCH}")
+    if args.target_batch_size % MICRO_BATCH or args.samples % args.target_batch_size:
+        parser.error(f"--samples must be a multiple of --target-batch-size, a multiple of {MICRO_BATCH}")
     accumulation = args.target_batch_size // MICRO_BATCH
+    steps = args.samples // args.target_batch_size
 
     work = Path(tempfile.mkdtemp(prefix="bench-training-"))
     model_dir = init_random_model(work / "tiny", preset="tiny")
     initial_loss, _ = train_locally(model_dir, 0, accumulation, args.lr)
-    local_loss, local_rate = train_locally(model_dir, args.steps, accumulation, args.lr)
-    swarm = train_on_swarm(model_dir, work, args.steps, accumulation, args.lr, args.codec)
-    print(f"loss: initial {initial_loss:.4f}, local {local_loss:.4f}, swarm {swarm['swarm_final_loss']:.4f}")
+    local_loss, local_rate = train_locally(model_dir, steps, accumulation, args.lr)
+    runs = {
+        trainers: train_on_swarm(
+            model_dir,
+            work,
+            args.samples // MICRO_BATCH,
+            args.target_batch_size,
+            args.lr,
+            args.codec,
+            trainers,
+            args.in_flight,
+        )
+        for trainers in args.trainers
+    }
+
+    def summary(run: dict) -> dict:
+        return {
+            "swarm_final_loss": round(run["swarm_final_loss"], 4),
+            "swarm_final_loss_through_wire": round(run["swarm_final_loss_through_wire"], 4),
+            "loss_gap_rel": round(abs(run["swarm_final_loss"] - local_loss) / local_loss, 4),
+            "swarm_samples_per_s": round(run["swarm_samples_per_s"], 2),
+            "speed_ratio": round(run["swarm_samples_per_s"] / local_rate, 3),
+            "compressed_wire_bytes_per_sample": round(run["compressed_wire_bytes_per_sample"]),
+            "uncompressed_wire_bytes_per_sample": round(run["uncompressed_wire_bytes_per_sample"]),
+            "stage_steps_per_peer": run["stage_steps"],
+        }
+
+    for trainers, run in runs.items():
+        print(f"{trainers} trainer(s): {summary(run)}")
+    first, *others = runs.items()
     result = {
         "preset": "tiny",
         "codec": args.codec,
-        "samples": args.steps * args.target_batch_size,
+        "samples": args.samples,
+        "target_batch_size": args.target_batch_size,
+        "in_flight": first[1]["in_flight"],
+        "trainers": first[0],
         "initial_loss": round(initial_loss, 4),
         "local_final_loss": round(local_loss, 4),
-        "swarm_final_loss": round(swarm["swarm_final_loss"], 4),
-        "swarm_final_loss_through_wire": round(swarm["swarm_final_loss_through_wire"], 4),
-        "loss_gap_rel": round(abs(swarm["swarm_final_loss"] - local_loss) / local_loss, 4),
-        "swarm_samples_per_s": round(swarm["swarm_samples_per_s"], 2),
         "local_samples_per_s": round(local_rate, 2),
-        "compressed_wire_bytes_per_sample": round(swarm["compressed_wire_bytes_per_sample"]),
-        "uncompressed_wire_bytes_per_sample": round(swarm["uncompressed_wire_bytes_per_sample"]),
-        "stage_steps_per_peer": swarm["stage_steps"],
+        **summary(first[1]),
+        **{f"trainers_{trainers}": summary(run) for trainers, run in others},
     }
     print(json.dumps(result))
 
