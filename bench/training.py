@@ -7,9 +7,9 @@ never wait for the stages, which step in the background as their batches fill; i
 count, on fresh stages, the trainers in processes of their own sharing the micro-batches. Final losses are measured
 on the training sequences once the stages' steps are in place: the swarm's trained blocks exactly (codec none, as
 the local blocks are read), and also through the run's wire (`swarm_final_loss_through_wire`). `speed_ratio` is
-the swarm's samples/s over local training's; wire bytes count every activation and gradient the trainers send and
-receive: as they travel (`--codec`, int8-blockwise by default) and as fp32 would. The JSON's top-level figures are
-the first `--trainers` count's; the others' are under `trainers_N`.
+the swarm's samples/s over local training's (timed before and after the swarm runs, averaged); wire bytes count
+every activation and gradient the trainers send and receive: as they travel (`--codec`, int8-blockwise by default)
+and as fp32 would. The JSON's top-level figures are the first `--trainers` count's; the others' under `trainers_N`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import json  # noqa: E402
 import multiprocessing  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -149,7 +150,11 @@ def run_trainer(
 
 
 def _trainer_process(results, *args) -> None:
-    results.put(run_trainer(*args))
+    try:
+        results.put(run_trainer(*args))
+    except BaseException:  # the parent waits for every trainer's result: it gets the failure instead
+        results.put(traceback.format_exc())
+        raise
 
 
 def settled_stage_steps(model: DistributedModelForCausalLM, quiet: float = 3.0, timeout: float = 120.0) -> list[int]:
@@ -191,6 +196,9 @@ def train_on_swarm(
         for process in processes:
             process.start()
         reports = [results.get(timeout=3600) for _ in processes]
+        failures = [report for report in reports if isinstance(report, str)]
+        if failures:
+            raise RuntimeError(f"a trainer failed:\n{failures[0]}")
         for process in processes:
             process.join()
         samples = sum(report["samples"] for report in reports)
@@ -229,7 +237,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-training-"))
     model_dir = init_random_model(work / "tiny", preset="tiny")
     initial_loss, _ = train_locally(model_dir, 0, accumulation, args.lr)
-    local_loss, local_rate = train_locally(model_dir, steps, accumulation, args.lr)
+    local_loss, local_rate_before = train_locally(model_dir, steps, accumulation, args.lr)
     runs = {
         trainers: train_on_swarm(
             model_dir,
@@ -243,6 +251,10 @@ def main() -> None:
         )
         for trainers in args.trainers
     }
+
+    # local training again, after the swarm runs: the machine's speed drifts, and the mean of both is compared
+    _, local_rate_after = train_locally(model_dir, steps, accumulation, args.lr)
+    local_rate = (local_rate_before + local_rate_after) / 2
 
     def summary(run: dict) -> dict:
         return {
