@@ -15,10 +15,10 @@ peer caught lying is distrusted and the hop is retried elsewhere, like a failed 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-from hivemind.p2p import P2P
+from hivemind.p2p import P2P, PeerID
 
 from blockswarm.compression.codecs import decode_tensor, encode_tensor
 from blockswarm.pipeline.hops import Hop, PeerError, Router
@@ -41,6 +41,9 @@ class Chain:
     retry_policy: RetryPolicy = RetryPolicy()
     train_key: str | None = None  # a SWARM trainer's run key: its backward passes make --train peers learn
     verifier: Verifier | None = None  # spot-checks a share of forward hops on other peers
+    # per peer, the durations of its recent passes: a peer is suspected (and probed) only when a pass takes several
+    # times longer than they did, not whenever a pass waits in its queue behind other micro-batches
+    _liveness: dict[PeerID, Liveness] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def train(self) -> bool:
@@ -161,7 +164,8 @@ class Chain:
         payloads = encode(activations, codec) + adapter_payloads(adapter, hop.start, hop.end)
         try:
             reply = call(self.p2p, hop.peer_id, rpc, request, payloads, self.timeout)
-            return await Liveness(self.p2p, hop.peer_id).wait(reply, decode=False)  # a hung peer fails in ~1 s
+            liveness = self._liveness.setdefault(hop.peer_id, Liveness(self.p2p, hop.peer_id))
+            return await liveness.wait(reply, decode=False)  # a hung peer fails in about a second
         except PeerError as error:
             self.router.ban(error.peer_id, error.retry_after)
             raise
