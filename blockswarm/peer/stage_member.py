@@ -82,11 +82,10 @@ class StageMember:
 
     def _on_step(self, epoch: int) -> None:
         """Called by the stage optimizer, between passes, once a step's parameters are in place."""
-        here, stage = self.optimizer.step_samples
-        now = time.monotonic()
+        now, here = time.monotonic(), self.optimizer.samples_here(epoch)
         print(
-            f"blockswarm stage {self.backend.start}:{self.backend.end} step {epoch}: {stage} samples "
-            f"({here} here), {now - self._last_step_at:.1f} s since the previous step",
+            f"blockswarm stage {self.backend.start}:{self.backend.end} step {epoch}: {here} samples here, "
+            f"{now - self._last_step_at:.1f} s since the previous step",
             flush=True,
         )
         self._last_step_at = now

@@ -149,8 +149,7 @@ class StageOptimizer:
         self._epoch = 0  # steps whose parameters are in place (hivemind counts a step as soon as it begins)
         self._last_micro_batch = 0.0
         self.on_step: Callable[[int], None] | None = None  # called with the new epoch after each step is in place
-        # samples of the step in progress (or last made): (this peer's, the stage's as this peer saw them)
-        self.step_samples: tuple[int, int] = (0, 0)
+        self._samples_here: dict[int, int] = {}  # this peer's samples in each begun step, by the epoch it makes
         self._stopping, self._shut_down = threading.Event(), False
         self._follower = threading.Thread(target=self._follow_while_idle, name="blockswarm-stage", daemon=True)
         self._follower.start()
@@ -215,12 +214,16 @@ class StageOptimizer:
     def _begin_step_if_due(self, call: Callable[[], object], batch_size: int) -> None:
         """`call` (hivemind's step or follow), noting the samples of a step it begins and any step it completes."""
         own = self._optimizer.grad_averager.local_samples_accumulated + batch_size
-        stage = self._optimizer.tracker.global_progress.samples_accumulated + batch_size
         began = self._optimizer.local_epoch
         call()
         if self._optimizer.local_epoch != began:
-            self.step_samples = (own, max(own, stage))
+            self._samples_here[self._optimizer.local_epoch] = own
         self._note_epoch()
+
+    def samples_here(self, epoch: int) -> int:
+        """This peer's samples in the step that made `epoch` (0 for a step it did not take part in, e.g. one whose
+        state it downloaded); asked once per step, when `on_step` reports it."""
+        return self._samples_here.pop(epoch, 0)
 
     def _note_epoch(self) -> None:
         epoch = self._optimizer.applied_epoch
