@@ -8,11 +8,12 @@ gradients and runs the same Adam step on every copy, so the copies stay identica
 Nothing of that stalls the pipeline: the averaging round is booked ahead (pre-scheduled matchmaking, from the
 stage's sample rate), and the all-reduce and the optimizer step run in the background while the peer keeps serving
 forward and backward passes on the parameters it has (hivemind's delayed parameter updates). The staleness is
-bounded: the new parameters are in place as soon as the step finishes, at the latest before the next step begins,
-so a micro-batch is computed on parameters at most one step old. Parameters (and Adam's state) are also averaged
-every `average_state_every` steps, a safety net for a copy that missed a round. A peer that falls behind, or joins
-late, downloads the current parameters and optimizer state from a stage-mate; a peer whose mates are gone steps
-alone.
+bounded by the averaging: a step's parameters are in place once its all-reduce (at most `averaging_timeout`) and
+Adam step finish, normally long before the stage's next batch is full, so micro-batches meet parameters one step
+old. Every `average_state_every` steps the parameters are averaged too, a safety net for a copy that missed a
+round; such a step first waits for the previous one to be in place (hivemind does), the one point where a peer's
+passes may wait for averaging. A peer that falls behind, or joins late, downloads the current parameters and
+optimizer state from a stage-mate; a peer whose mates are gone steps alone.
 
 This module uses hivemind's public API; what that cannot express is in `hivemind_internals`.
 """
