@@ -35,7 +35,9 @@ TRAINING_ARGS = (
     "--learning-rate",
     "3e-3",
     "--target-batch-size",
-    "8",
+    # a step every few seconds: averaging rounds are booked --matchmaking-time ahead, so batches that fill faster
+    # than that leave stage-mates without a group, each stepping on its own gradients until the next state average
+    "32",
     "--matchmaking-time",
     "4",
     "--averaging-timeout",
@@ -166,10 +168,14 @@ def test_swarm_training(tiny_model, tmp_path):
                 before = lm_loss(model, data(0)).item()
             trainers = [SwarmTrainer(model, progress=False), SwarmTrainer(other, progress=False)]
             assert trainers[0].in_flight == 4  # twice the stages
-            reports = train_together(trainers, 8)
-            assert [report.samples for report in reports] == [32, 32]
-            trainers[0].wait_for_stage_steps(timeout=60)
-            assert min(model.remote.stage_steps().values()) >= 2  # every peer, however many micro-batches it got
+            reports = train_together(trainers, 12)
+            assert [report.samples for report in reports] == [48, 48]
+            # every peer, however many micro-batches it got, takes the steps that 96 samples complete
+            deadline = time.monotonic() + 60
+            while min(model.remote.stage_steps().values()) < 2:
+                assert time.monotonic() < deadline, f"steps {model.remote.stage_steps()} after 96 samples"
+                time.sleep(0.5)
+            trainers[0].wait_for_stage_steps(timeout=60)  # the next phase waits for steps after this one
             with torch.no_grad():
                 after = lm_loss(model, data(0)).item()
             assert after < before * 0.8, (before, after)
