@@ -32,18 +32,21 @@ def test_stage_run_id_is_a_valid_hivemind_prefix():
 
 
 def _train_until_next_epoch(optimizer: StageOptimizer, module: nn.Module, peer: int, errors: list) -> None:
-    """Feed micro-batches until the stage steps once. Peer 0's inputs use only features 0-7, peer 1's only 8-15:
-    a weight column gets gradients from one peer only, so it moves only if the peers averaged their gradients."""
+    """Feed half the target batch, then wait for the stage to step. Peer 0's inputs use only features 0-7, peer 1's
+    only 8-15: a weight column gets gradients from one peer only, so it moves only if the peers averaged their
+    gradients. Exactly one target batch in all, so exactly one step, however long its averaging round takes."""
     try:
         generator = torch.Generator().manual_seed(peer)
-        deadline = time.monotonic() + 40
-        while optimizer.epoch < 1:
-            assert time.monotonic() < deadline, "the stage never stepped"
+        for _ in range(OPTIONS.target_batch_size // (2 * BATCH)):
             inputs = torch.zeros(BATCH, 16)
             inputs[:, 8 * peer : 8 * peer + 8] = torch.randn(BATCH, 8, generator=generator)
             grads = torch.autograd.grad(module(inputs).pow(2).mean(), list(module.parameters()))
             optimizer.accumulate(list(grads), BATCH)
             time.sleep(0.2)  # a realistic micro-batch rate
+        deadline = time.monotonic() + 40
+        while optimizer.epoch < 1:
+            assert time.monotonic() < deadline, "the stage never stepped"
+            time.sleep(0.1)
     except BaseException as error:
         errors.append(error)
 
