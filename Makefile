@@ -50,6 +50,8 @@ format: install
 bench: install wan-tools
 	$(BIN)/python bench/generate.py --preset tiny
 	$(BIN)/python bench/generate.py --preset tiny --codec none
+	$(BIN)/python bench/generate.py --preset tiny --family mixtral
+	$(BIN)/python bench/generate.py --preset tiny --family qwen3
 	$(BIN)/python bench/generate.py --preset medium
 	$(BIN)/python bench/recovery.py
 	$(BIN)/python bench/compression.py

@@ -20,6 +20,11 @@ FAMILIES = {
     "llama": dict(rope_scaling={"rope_type": "linear", "factor": 2.0}),
     "mistral": dict(sliding_window=4),  # shorter than the prompts: the window cuts while decoding
     "qwen2": dict(attention_bias=True, rope_theta=1e6),
+    # q/k norms; the peer's first block (2) attends fully, the others within a window
+    "qwen3": dict(qk_norm=True, sliding_window=4, full_attention_layers=(0, 1, 2)),
+    "mixtral": dict(num_experts=4, experts_per_token=2, expert_intermediate_size=48, normalize_expert_weights=True),
+    # the peer's block 3 has a dense MLP
+    "qwen3_moe": dict(qk_norm=True, num_experts=4, experts_per_token=2, expert_intermediate_size=32, dense_layers=(3,)),
 }
 # (first block, number of blocks, batch, prompt length, deep prompt + LoRA?) of each session
 SESSIONS = [
@@ -55,18 +60,21 @@ def make_config(family: str) -> ModelConfig:
 def make_backend(family: str) -> BlockBackend:
     config = make_config(family)
     torch.manual_seed(0)
-    blocks = [TransformerBlock(config).eval() for _ in range(NUM_BLOCKS)]
+    blocks = [TransformerBlock(config, PEER_START + i).eval() for i in range(NUM_BLOCKS)]
     with torch.no_grad():
         for block in blocks:
             for name, parameter in block.named_parameters():
-                if "layernorm" in name:  # ones by default: make the norms matter too
+                if "norm" in name:  # ones by default: make the norms matter too
                     parameter.copy_(1 + 0.1 * torch.randn_like(parameter))
     return BlockBackend(config, blocks, PEER_START, torch.float32, torch.device("cpu"))
 
 
 def make_adapter(config: ModelConfig, num_blocks: int, batch: int, generator: torch.Generator) -> ReceivedAdapter:
-    """A deep prompt longer than some prompts (so decode steps get it too) and LoRA on an attention and MLP part."""
+    """A deep prompt longer than some prompts (so decode steps get it too) and LoRA on an attention and MLP part
+    (attention only in a mixture of experts, whose experts take no LoRA)."""
     rank, targets = 3, ("q_proj", "v_proj", "o_proj", "up_proj", "down_proj")
+    if config.num_experts:
+        targets = targets[:3]
 
     def rand(*shape: int) -> torch.Tensor:
         return 0.1 * torch.randn(*shape, generator=generator)

@@ -132,3 +132,26 @@ def test_reassemble_rejects_spans_of_another_model(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="not \\['lm_head.bias'\\]"):
         reassemble(tiny_model, [good], tmp_path / "out", ends_file=tmp_path / "ends.safetensors", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_mixtral_spans_use_the_checkpoint_names_and_reassemble(tmp_path):
+    """Mixtral names its experts `block_sparse_moe.experts.E.w1` in checkpoints; span files and the reassembled
+    checkpoint keep those names, and load back into the trained blocks (and into transformers)."""
+    model = init_random_model(tmp_path / "mixtral", "tiny", "mixtral")
+    trained = _perturbed_blocks(model, seed=1)
+    spans = [tmp_path / "0-5.safetensors", tmp_path / "5-8.safetensors"]
+    save_span(trained[0:5], 0, spans[0], {"epoch": "1"})
+    save_span(trained[5:8], 5, spans[1], {"epoch": "1"})
+    span = load_span(spans[1])
+    assert torch.equal(
+        span.tensors["model.layers.6.block_sparse_moe.experts.3.w3.weight"], trained[6].mlp.experts[3].up_proj.weight
+    )
+    assert not [name for name in span.tensors if ".mlp." in name]
+
+    out = reassemble(model, spans, tmp_path / "out", progress=False)
+    for ours, reloaded in zip(trained, load_blocks(out, 0, NUM_BLOCKS, progress=False), strict=True):
+        for (name, tensor), reloaded_tensor in zip(
+            ours.state_dict().items(), reloaded.state_dict().values(), strict=True
+        ):
+            assert torch.equal(tensor, reloaded_tensor), name
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_local_experts == 4

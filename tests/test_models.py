@@ -1,4 +1,5 @@
-"""blockswarm.models against transformers' own Llama / Mistral / Qwen2 implementations."""
+"""blockswarm.models against transformers' own implementations of every family: Llama, Mistral, Qwen2, Qwen3, Mixtral
+and Qwen3-MoE."""
 
 import json
 import shutil
@@ -21,7 +22,8 @@ from blockswarm.models import (
     resolve_checkpoint,
     weights_fingerprint,
 )
-from blockswarm.models.random_init import PRESETS, init_random_model, random_model_config
+from blockswarm.models.families import checkpoint_name
+from blockswarm.models.random_init import FAMILIES, PRESETS, init_random_model, random_model_config
 
 TOL = 1e-5
 SEQ = 12
@@ -55,6 +57,22 @@ VARIANTS = {
     ),
     "mistral": dict(model_type="mistral", sliding_window=5),  # exceeded by SEQ tokens
     "qwen2": dict(model_type="qwen2", tie_word_embeddings=True),
+    # q/k norms, biases on q/k/v and o; block 0 attends fully, blocks 1-2 within a window SEQ exceeds
+    "qwen3": dict(
+        model_type="qwen3", attention_bias=True, use_sliding_window=True, sliding_window=5, max_window_layers=1
+    ),
+    "mixtral": dict(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2, sliding_window=5),
+    # top-2 of 4 experts without renormalizing; block 1 has a dense MLP
+    "qwen3_moe": dict(
+        model_type="qwen3_moe",
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=48,
+        norm_topk_prob=False,
+        mlp_only_layers=[1],
+        use_sliding_window=True,
+        sliding_window=5,
+    ),
 }
 
 
@@ -141,10 +159,13 @@ def test_input_gradients_match_transformers(reference):
 
 
 def test_parameter_names_match_checkpoint(reference):
-    path, model, _, _ = reference
+    path, _, _, _ = reference
     config = load_config(path)
-    hf_names = {name.removeprefix("model.layers.0.") for name in model.state_dict() if ".layers.0." in name}
-    assert set(TransformerBlock(config).state_dict()) == hf_names
+    saved = set(load_file(path / "model.safetensors"))
+    for index in range(config.num_blocks):
+        prefix = f"model.layers.{index}."
+        ours = {prefix + checkpoint_name(config.family, name) for name in TransformerBlock(config, index).state_dict()}
+        assert ours == {name for name in saved if name.startswith(prefix)}, f"block {index}"
     ends = ModelEnds(config)
     if config.tie_word_embeddings:
         assert ends.lm_head is None and "lm_head.weight" not in ends.state_dict()
@@ -304,7 +325,7 @@ def test_config_from_old_style_fields():
 # ---------------------------------------------------------------- random models
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_init_random_model_tiny(tmp_path, family):
     state = torch.random.get_rng_state()
     path = init_random_model(tmp_path / family, "tiny", family, seed=0)
@@ -314,8 +335,14 @@ def test_init_random_model_tiny(tmp_path, family):
     assert (config.family, config.hidden_size, config.num_blocks) == (family, 256, 8)
     assert config.num_kv_heads < config.num_heads and config.vocab_size == preset["vocab_size"]
     assert (config.rope_scaling or {}).get("rope_type") == ("llama3" if family == "llama" else None)
-    assert (config.sliding_window is not None) == (family == "mistral")
-    assert config.attention_bias == config.tie_word_embeddings == (family == "qwen2")
+    assert (config.sliding_window is not None) == (family in ("mistral", "qwen3"))
+    assert config.full_attention_layers == ((0, 1, 2, 3) if family == "qwen3" else ())
+    assert config.attention_bias == (family == "qwen2")
+    assert config.tie_word_embeddings == (family in ("qwen2", "qwen3"))
+    assert config.qk_norm == (family in ("qwen3", "qwen3_moe"))
+    moe = family in ("mixtral", "qwen3_moe")
+    assert (config.num_experts, config.experts_per_token) == ((4, 2) if moe else (0, 0))
+    assert config.normalize_expert_weights == moe and config.dense_layers == ()
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     text = "Hello, swarm! Ünïcode ☃ and numbers 12345."
@@ -351,7 +378,7 @@ def test_init_random_model_seeds_and_shards(tmp_path):
 
 
 @pytest.mark.parametrize("preset", ["small", "medium"])
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_larger_preset_configs(preset, family):
     config = ModelConfig.from_hf(random_model_config(preset, family))
     sizes = PRESETS[preset]
@@ -359,3 +386,70 @@ def test_larger_preset_configs(preset, family):
     assert config.num_kv_heads < config.num_heads and config.head_dim * config.num_heads == config.hidden_size
     assert config.family == family
     assert (PRESETS["medium"]["intermediate_size"], PRESETS["medium"]["vocab_size"]) == (2816, 32000)
+
+
+def test_init_model_command_offers_every_family():
+    from blockswarm.cli.parser import build_parser
+
+    for family in FAMILIES:
+        assert build_parser().parse_args(["init-model", "out", "--family", family]).family == family
+
+
+# ---------------------------------------------------------------- mixtures of experts
+
+
+def test_shared_expert_matches_transformers():
+    """A shared expert (Qwen-MoE's, when a config has one) against transformers' own Qwen2-MoE MLP."""
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+
+    hf_config = AutoConfig.for_model(
+        "qwen2_moe",
+        hidden_size=64,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+        norm_topk_prob=True,
+    )
+    torch.manual_seed(0)
+    theirs = Qwen2MoeSparseMoeBlock(hf_config)
+    for parameter in theirs.parameters():
+        torch.nn.init.normal_(parameter, std=0.1)
+    config = ModelConfig(
+        **{**_config_fields(), "num_experts": 4, "experts_per_token": 2, "expert_intermediate_size": 32},
+        normalize_expert_weights=True,
+        shared_expert_intermediate_size=48,
+    )
+    ours = TransformerBlock(config, 0).mlp
+    experts = theirs.experts
+    ours.gate.weight.data.copy_(theirs.gate.weight)
+    for index, expert in enumerate(ours.experts):
+        gate, up = experts.gate_up_proj[index].chunk(2)
+        expert.gate_proj.weight.data.copy_(gate)
+        expert.up_proj.weight.data.copy_(up)
+        expert.down_proj.weight.data.copy_(experts.down_proj[index])
+    ours.shared_expert.load_state_dict(theirs.shared_expert.state_dict())
+    ours.shared_expert_gate.weight.data.copy_(theirs.shared_expert_gate.weight)
+    hidden = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert max_diff(ours(hidden), theirs(hidden)) <= TOL
+
+
+def _config_fields() -> dict:
+    return dict(
+        family="qwen3_moe",
+        num_blocks=1,
+        hidden_size=64,
+        intermediate_size=128,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        vocab_size=128,
+        rms_norm_eps=1e-6,
+        rope_theta=1e6,
+        rope_scaling=None,
+        attention_bias=False,
+        sliding_window=None,
+        tie_word_embeddings=False,
+        max_position_embeddings=64,
+    )

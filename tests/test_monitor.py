@@ -32,6 +32,7 @@ from blockswarm.dht import (
     report_peer,
 )
 from blockswarm.local_swarm import LocalSwarm
+from blockswarm.models import load_blocks
 from blockswarm.monitor import start_monitor
 from blockswarm.monitor.metrics import metrics_registry
 from blockswarm.monitor.page import render_page
@@ -134,6 +135,8 @@ def test_state_lists_every_peer_with_its_span_and_state(monitored):
     low = peer_entry(payload, by_name(swarm, "low"))
     assert low["public_name"] == "alice's laptop" and low["short_id"].endswith(low["peer_id"][-6:])
     assert low["dtype"] == "float32" and low["cache_tokens_left"] > 0
+    (block,) = load_blocks(swarm.model, 0, 1, progress=False)
+    assert low["memory_per_block"] == 4 * sum(parameter.numel() for parameter in block.parameters())  # fp32
     for peer in all_peers(payload):
         assert peer["state"] == "online" and peer["reachable"] is True and peer["rtt_ms"] >= 0
 
@@ -249,6 +252,7 @@ def test_page_in_headless_chromium(monitored, tmp_path):
     assert page.rows[OTHER_MODEL] == 1 and sum(page.rows.values()) == 3
     assert page.red_cells[OTHER_MODEL] == 4 and sum(page.red_cells.values()) == 4
     assert "Last crawl" in dom, "the page's script did not run"
+    assert "Memory / block" in dom and " MiB<" in dom
     assert "broken" in dom and "healthy" in dom and "alice's laptop" in html.unescape(dom)
 
     for name, size in (("monitor.png", "1280,900"), ("monitor-phone.png", "390,1400")):

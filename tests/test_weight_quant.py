@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from blockswarm.models import KVCache, load_blocks, load_config, load_ends
-from blockswarm.models.quantization import LINEAR_NAMES, QUANT_TYPES, block_memory_bytes, quantize_block
+from blockswarm.models.quantization import QUANT_TYPES, block_memory_bytes, projection_names, quantize_block
 from blockswarm.models.random_init import init_random_model
 
 NUM_BLOCKS = 4
+LINEAR_NAMES = [f"self_attn.{p}_proj" for p in "qkvo"] + [f"mlp.{p}_proj" for p in ("gate", "up", "down")]
 # measured on the tiny llama preset, blocks 0..3 (each fed the fp32 input), and chained through all 4
 PER_BLOCK_TOLERANCE = {"int8": 0.06, "nf4": 0.4}  # measured max: int8 0.035, nf4 0.30 (both at block 0)
 CHAIN_TOLERANCE = {"int8": 0.1, "nf4": 0.7}  # measured: int8 0.069, nf4 0.56
@@ -64,6 +65,7 @@ def test_layers_are_replaced_and_biases_kept(tmp_path_factory):
 
     for quant, layer_type in (("int8", bnb.nn.Linear8bitLt), ("nf4", bnb.nn.Linear4bit)):
         (block,) = load_blocks(model, 0, 1, progress=False)
+        assert projection_names(block) == LINEAR_NAMES
         biases = {name: block.get_submodule(name).bias for name in LINEAR_NAMES}
         quantize_block(block, quant)
         for name in LINEAR_NAMES:
@@ -185,3 +187,24 @@ def test_none_unknown_and_twice(tiny_model):
     quantize_block(block, "nf4")
     with pytest.raises(ValueError, match="quantized already"):
         quantize_block(block, "int8")
+
+
+@pytest.mark.parametrize("quant", ["int8", "nf4"])
+def test_experts_are_quantized_and_routers_kept(tmp_path_factory, quant):
+    """A mixture of experts: every expert's projections are quantized; the router stays in full precision."""
+    import bitsandbytes as bnb
+
+    model = init_random_model(tmp_path_factory.mktemp("models") / "mixtral", preset="tiny", family="mixtral")
+    (reference,) = load_blocks(model, 1, 2, progress=False)
+    (block,) = load_blocks(model, 1, 2, progress=False)
+    experts = [f"mlp.experts.{e}.{p}_proj" for e in range(4) for p in ("gate", "up", "down")]
+    assert projection_names(block) == LINEAR_NAMES[:4] + experts
+    quantize_block(block, quant)
+    layer_type = bnb.nn.Linear8bitLt if quant == "int8" else bnb.nn.Linear4bit
+    assert all(isinstance(block.get_submodule(name), layer_type) for name in LINEAR_NAMES[:4] + experts)
+    assert type(block.mlp.gate) is torch.nn.Linear and torch.equal(block.mlp.gate.weight, reference.mlp.gate.weight)
+    assert block_memory_bytes(block) < {"int8": 0.35, "nf4": 0.2}[quant] * block_memory_bytes(reference)
+    hidden = torch.randn(2, 16, 256, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        error = relative_error(block(hidden), reference(hidden))
+    assert error < PER_BLOCK_TOLERANCE[quant], error

@@ -205,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     init = commands.add_parser("init-model", help="write a random-weight Hugging Face checkpoint for testing")
     init.add_argument("dir")
     init.add_argument("--preset", default="tiny", choices=["tiny", "small", "medium"])
-    init.add_argument("--family", default="llama", choices=["llama", "mistral", "qwen2"])
+    init.add_argument(
+        "--family", default="llama", choices=["llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe"]
+    )
     init.add_argument("--seed", type=int, default=0)
 
     generate = commands.add_parser("generate", help="generate text through the swarm")

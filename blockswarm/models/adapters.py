@@ -15,6 +15,7 @@ from torch import nn
 from blockswarm.models.config import ModelConfig
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
 
 
 def check_lora_targets(targets: tuple[str, ...]) -> tuple[str, ...]:
@@ -45,6 +46,12 @@ def lora_shapes(config: ModelConfig, target: str, rank: int) -> tuple[tuple[int,
     }
     if target not in features:
         raise ValueError(f"unknown LoRA target {target!r}; choose from {', '.join(LORA_TARGETS)}")
+    if config.num_experts and target in _MLP_TARGETS:
+        raise ValueError(
+            f"LoRA target {target!r} is a projection of the experts in this mixture-of-experts model "
+            f"({config.family}), and LoRA of experts is not supported; choose from "
+            f"{', '.join(t for t in LORA_TARGETS if t not in _MLP_TARGETS)}"
+        )
     in_features, out_features = features[target]
     return (rank, in_features), (out_features, rank)
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blockswarm.models.adapters import BlockAdapter
-from blockswarm.models.block import KVCache, TransformerBlock, rotate_half
+from blockswarm.models.block import MLP, KVCache, TransformerBlock
 
 
 @dataclass
@@ -44,12 +44,7 @@ def step_block(block: TransformerBlock, sessions: list[SessionRows]) -> list[tor
     hiddens = [s.hidden if s.adapter is None else s.adapter.add_prompt(s.hidden, s.position) for s in sessions]
     rows = torch.cat([hidden.reshape(-1, hidden.shape[-1]) for hidden in hiddens])  # [tokens of all, hidden]
     rows = rows + _attention(block, block.input_layernorm(rows), sessions)
-    normed = block.post_attention_layernorm(rows)
-    mlp = block.mlp
-    gated = F.silu(_project(mlp.gate_proj, normed, sessions, "gate_proj")) * _project(
-        mlp.up_proj, normed, sessions, "up_proj"
-    )
-    rows = rows + _project(mlp.down_proj, gated, sessions, "down_proj")
+    rows = rows + _feed_forward(block.mlp, block.post_attention_layernorm(rows), sessions)
     return [piece.view_as(s.hidden) for piece, s in zip(_split(rows, sessions), sessions)]
 
 
@@ -68,8 +63,7 @@ def _attention(block: TransformerBlock, normed: torch.Tensor, sessions: list[Ses
     end = max(s.position + s.hidden.shape[1] for s in sessions)
     cos, sin = attn.rotary(0, end, normed.device, normed.dtype)
     cos, sin = cos[positions][:, None], sin[positions][:, None]  # [tokens, 1, head_dim]: per-row positions
-    q = q * cos + rotate_half(q) * sin
-    k = k * cos + rotate_half(k) * sin
+    q, k = attn.position(q, k, cos, sin)
 
     outputs = []
     for s, q_s, k_s, v_s in zip(sessions, _split(q, sessions), _split(k, sessions), _split(v, sessions)):
@@ -77,6 +71,16 @@ def _attention(block: TransformerBlock, normed: torch.Tensor, sessions: list[Ses
         q_s, k_s, v_s = (t.reshape(batch, length, *t.shape[1:]).transpose(1, 2) for t in (q_s, k_s, v_s))
         outputs.append(attn.attend(q_s, k_s, v_s, s.position, s.cache).reshape(batch * length, -1))
     return _project(attn.o_proj, torch.cat(outputs), sessions, "o_proj")
+
+
+def _feed_forward(mlp: nn.Module, normed: torch.Tensor, sessions: list[SessionRows]) -> torch.Tensor:
+    """A dense MLP with each session's LoRA on its rows; a mixture of experts (which takes no LoRA) as it is."""
+    if not isinstance(mlp, MLP):
+        return mlp(normed)
+    gated = F.silu(_project(mlp.gate_proj, normed, sessions, "gate_proj")) * _project(
+        mlp.up_proj, normed, sessions, "up_proj"
+    )
+    return _project(mlp.down_proj, gated, sessions, "down_proj")
 
 
 def _project(linear: nn.Module, rows: torch.Tensor, sessions: list[SessionRows], name: str) -> torch.Tensor:

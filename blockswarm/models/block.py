@@ -1,13 +1,14 @@
-"""One decoder block of the Llama family (Llama 2/3, Mistral, Qwen2) in plain torch.
+"""One decoder block in plain torch, for every family of `families.py`: Llama 2/3, Mistral, Qwen2, Qwen3, Mixtral
+and Qwen3-MoE.
 
-Submodule names follow transformers' decoder layers, so `model.layers.{i}.*` tensors of a checkpoint load
-into a block with `load_state_dict` once the prefix is stripped.
+The families differ in small switches read from `ModelConfig`: biases, q/k norms, the sliding window of each
+layer, and a mixture of experts in place of the dense MLP. Submodule names follow transformers' decoder layers
+(Qwen's naming of experts), so `model.layers.{i}.*` tensors of a checkpoint load into a block once the prefix is
+stripped and, for Mixtral, renamed (`families.checkpoint_name`).
 """
 
 from __future__ import annotations
 
-import math
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 
 from blockswarm.models.adapters import BlockAdapter, project
 from blockswarm.models.config import ModelConfig
+from blockswarm.models.rotary import rotate_half, shared_rotary
 
 
 class RMSNorm(nn.Module):
@@ -30,74 +32,6 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
-
-
-def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
-    """Rotary inverse frequencies in fp32, with Llama-3 or linear scaling when the config asks for it."""
-    dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
-    scaling = config.rope_scaling
-    if scaling is None:
-        return inv_freq
-    factor = scaling["factor"]
-    if scaling["rope_type"] == "linear":
-        return inv_freq / factor
-    # llama3: keep high frequencies, divide low ones by `factor`, interpolate smoothly in between
-    old_context = scaling["original_max_position_embeddings"]
-    low_freq_wavelen = old_context / scaling["low_freq_factor"]
-    high_freq_wavelen = old_context / scaling["high_freq_factor"]
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
-    smooth = (old_context / wavelen - scaling["low_freq_factor"]) / (
-        scaling["high_freq_factor"] - scaling["low_freq_factor"]
-    )
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
-    return torch.where(is_medium, smoothed, scaled)
-
-
-class RotaryEmbedding:
-    """cos/sin tables per (device, dtype), grown by doubling, so a decoding step only slices them.
-
-    One instance is shared by all blocks with the same rope settings (see `_shared_rotary`): tables are not
-    parameters and must not be duplicated per block or cast by `module.to(dtype)`.
-    """
-
-    def __init__(self, inv_freq: torch.Tensor):
-        self.inv_freq = inv_freq
-        self.tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def __call__(
-        self, start: int, length: int, device: torch.device, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape [length, head_dim] for positions start..start+length-1."""
-        end = start + length
-        cos, sin = self.tables.get((device, dtype), (None, None))
-        if cos is None or cos.shape[0] < end:
-            size = max(256, 1 << (end - 1).bit_length())
-            positions = torch.arange(size, device=device, dtype=torch.float32)
-            freqs = torch.outer(positions, self.inv_freq.to(device))
-            emb = torch.cat((freqs, freqs), dim=-1)
-            cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
-            self.tables[(device, dtype)] = (cos, sin)  # one assignment: safe for concurrent readers
-        return cos[start:end], sin[start:end]
-
-
-_rotary_lock = threading.Lock()
-_rotaries: dict[tuple, RotaryEmbedding] = {}
-
-
-def _shared_rotary(config: ModelConfig) -> RotaryEmbedding:
-    key = (config.head_dim, config.rope_theta, repr(sorted((config.rope_scaling or {}).items())))
-    with _rotary_lock:
-        if key not in _rotaries:
-            _rotaries[key] = RotaryEmbedding(rope_inverse_frequencies(config))
-        return _rotaries[key]
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 @dataclass
@@ -127,22 +61,24 @@ class KVCache:
 class Attention(nn.Module):
     """Grouped-query self-attention with rotary positions, an optional KV cache and sliding window."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, index: int):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = (
             config.num_heads,
             config.num_kv_heads,
             config.head_dim,
         )
-        self.sliding_window = config.sliding_window
+        self.sliding_window = config.window_of(index)
         qkv_bias = config.attention_bias
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
-        # Llama's attention_bias covers o_proj too; Qwen2 biases q/k/v only
-        o_bias = config.attention_bias and config.family == "llama"
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=o_bias)
-        self.rotary = _shared_rotary(config)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.o_proj_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
+        self.rotary = shared_rotary(config)
 
     def forward(
         self, x: torch.Tensor, position: int, cache: KVCache | None, adapter: BlockAdapter | None = None
@@ -152,12 +88,17 @@ class Attention(nn.Module):
         k = project(self.k_proj, x, adapter, "k_proj").view(batch, length, self.num_kv_heads, self.head_dim)
         v = project(self.v_proj, x, adapter, "v_proj").view(batch, length, self.num_kv_heads, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-
-        cos, sin = self.rotary(position, length, x.device, x.dtype)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-
+        q, k = self.position(q, k, *self.rotary(position, length, x.device, x.dtype))
         return project(self.o_proj, self.attend(q, k, v, position, cache), adapter, "o_proj")
+
+    def position(
+        self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q and k (head_dim last, any layout `cos`/`sin` broadcast to), normed per head where the family does it,
+        then rotated to their positions. Shared by one session's pass and a batched tick."""
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position: int, cache: KVCache | None
@@ -203,28 +144,73 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward."""
+    """SwiGLU feed-forward: a dense block's MLP, and each expert of a mixture."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, adapter: BlockAdapter | None = None) -> torch.Tensor:
         gated = F.silu(project(self.gate_proj, x, adapter, "gate_proj")) * project(self.up_proj, x, adapter, "up_proj")
         return project(self.down_proj, gated, adapter, "down_proj")
 
 
-class TransformerBlock(nn.Module):
-    """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
+class SparseMoE(nn.Module):
+    """A mixture of SwiGLU experts: a router picks `experts_per_token` experts per token (softmax, top-k, and the
+    family's renormalization), and each expert runs once over all the tokens routed to it. A shared expert, if the
+    config has one, sees every token, scaled by a sigmoid gate (Qwen-MoE). LoRA of experts is refused upstream
+    (`adapters.lora_shapes`), so adapters never reach this module."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        self.top_k, self.normalize = config.experts_per_token, config.normalize_expert_weights
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = nn.ModuleList(
+            MLP(config.hidden_size, config.expert_intermediate_size) for _ in range(config.num_experts)
+        )
+        self.shared_expert = None
+        if config.shared_expert_intermediate_size:
+            self.shared_expert = MLP(config.hidden_size, config.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+
+    def routers(self) -> list[nn.Linear]:
+        """The layers that choose and weigh experts (small; quantization leaves them alone)."""
+        return [self.gate] + ([self.shared_expert_gate] if self.shared_expert is not None else [])
+
+    def forward(self, x: torch.Tensor, adapter: BlockAdapter | None = None) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        probabilities = F.softmax(self.gate(rows), dim=-1, dtype=torch.float32)
+        weights, chosen = probabilities.topk(self.top_k, dim=-1)  # [tokens, top_k]
+        if self.normalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        # (token, choice) pairs sorted by expert: each expert's tokens are one contiguous run
+        order = chosen.flatten().argsort(stable=True)
+        tokens, pair_weights = order // self.top_k, weights.flatten()[order].to(rows.dtype)
+        runs = torch.bincount(chosen.flatten(), minlength=len(self.experts)).tolist()
+        out = torch.zeros_like(rows)
+        start = 0
+        for expert, count in zip(self.experts, runs):
+            if count:
+                mine = tokens[start : start + count]
+                out.index_add_(0, mine, expert(rows[mine]) * pair_weights[start : start + count, None])
+                start += count
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(rows)) * self.shared_expert(rows)
+        return out.view_as(x)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm decoder block `index` of a model: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, index: int):
+        super().__init__()
+        self.family = config.family  # names its tensors in checkpoints (`families.checkpoint_name`)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, index)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = SparseMoE(config) if config.is_moe(index) else MLP(config.hidden_size, config.intermediate_size)
 
     def forward(
         self,

@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from torch import nn
 from tqdm.auto import tqdm
 
+from blockswarm.models.block import TransformerBlock
+from blockswarm.models.families import checkpoint_name
 from blockswarm.models.loading import CONFIG_FILE, INDEX_FILE, _Checkpoint, load_config, resolve_checkpoint
 
 # files of a checkpoint directory that hold weights: replaced by our own, never copied
@@ -48,21 +49,23 @@ class SpanCheckpoint:
         return _epoch(self.metadata, "span")
 
 
-def span_tensors(blocks: list[nn.Module], start: int) -> dict[str, torch.Tensor]:
-    """Copies of blocks start, start+1, ... under the checkpoint's names `model.layers.{i}.<param>`: a snapshot that
-    later updates of the blocks do not change."""
+def span_tensors(blocks: list[TransformerBlock], start: int) -> dict[str, torch.Tensor]:
+    """Copies of blocks start, start+1, ... under the checkpoint's names `model.layers.{i}.<param>` (the family's
+    own, e.g. Mixtral's `block_sparse_moe.*`): a snapshot that later updates of the blocks do not change."""
     if not blocks:
         raise ValueError("a span needs at least one block")
     if start < 0:
         raise ValueError(f"start must be non-negative, got {start}")
     return {
-        f"model.layers.{start + i}.{name}": tensor.detach().to("cpu", copy=True).contiguous()
+        f"model.layers.{start + i}.{checkpoint_name(block.family, name)}": tensor.detach()
+        .to("cpu", copy=True)
+        .contiguous()
         for i, block in enumerate(blocks)
         for name, tensor in block.state_dict().items()
     }
 
 
-def save_span(blocks: list[nn.Module], start: int, path: Path, metadata: dict[str, str]) -> None:
+def save_span(blocks: list[TransformerBlock], start: int, path: Path, metadata: dict[str, str]) -> None:
     """Write blocks start, start+1, ... to the safetensors file `path` (`write_span` of their `span_tensors`)."""
     write_span(span_tensors(blocks, start), start, start + len(blocks), path, metadata)
 

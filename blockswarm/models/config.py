@@ -1,4 +1,4 @@
-"""The numbers that define a Llama-family model, independent of the transformers version that wrote them."""
+"""The numbers that define a model the blocks serve, independent of the transformers version that wrote them."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
+from blockswarm.models.families import FAMILIES, Family
+
+SUPPORTED_FAMILIES = tuple(FAMILIES)
 _ROPE_KEYS = {
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
@@ -33,23 +35,35 @@ class ModelConfig:
     rms_norm_eps: float
     rope_theta: float
     rope_scaling: dict | None
-    attention_bias: bool
+    attention_bias: bool  # q, k and v projections have biases
     sliding_window: int | None
     tie_word_embeddings: bool
     max_position_embeddings: int
+    o_proj_bias: bool = False
+    qk_norm: bool = False
+    full_attention_layers: tuple[int, ...] = ()  # layers that attend beyond sliding_window
+    num_experts: int = 0  # 0: every block has a dense MLP
+    experts_per_token: int = 0
+    expert_intermediate_size: int = 0
+    normalize_expert_weights: bool = False  # top-k routing weights renormalized to sum to 1
+    shared_expert_intermediate_size: int = 0  # 0: no shared expert
+    dense_layers: tuple[int, ...] = ()  # layers of a mixture-of-experts model with a dense MLP
 
     @classmethod
     def from_hf(cls, hf_config: Any) -> ModelConfig:
         """Read a transformers config: transformers 5 `rope_parameters` or 4.x `rope_theta`/`rope_scaling`."""
-        family = hf_config.model_type
-        if family not in SUPPORTED_FAMILIES:
-            raise ValueError(f"unsupported model_type {family!r}; supported: {', '.join(SUPPORTED_FAMILIES)}")
+        name = hf_config.model_type
+        if name not in SUPPORTED_FAMILIES:
+            raise ValueError(f"unsupported model_type {name!r}; supported: {', '.join(SUPPORTED_FAMILIES)}")
+        family = FAMILIES[name]
         if getattr(hf_config, "hidden_act", "silu") != "silu" or getattr(hf_config, "mlp_bias", False):
             raise ValueError("only the SwiGLU MLP without biases (hidden_act='silu', mlp_bias=False) is supported")
         num_heads = hf_config.num_attention_heads
         rope_theta, rope_scaling = _read_rope(hf_config)
+        config_bias = bool(getattr(hf_config, "attention_bias", False))
+        sliding_window, full_attention_layers = _read_sliding_window(hf_config, family)
         return cls(
-            family=family,
+            family=name,
             num_blocks=hf_config.num_hidden_layers,
             hidden_size=hf_config.hidden_size,
             intermediate_size=hf_config.intermediate_size,
@@ -60,11 +74,23 @@ class ModelConfig:
             rms_norm_eps=float(hf_config.rms_norm_eps),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            attention_bias=family == "qwen2" or bool(getattr(hf_config, "attention_bias", False)),
-            sliding_window=_read_sliding_window(hf_config),
+            attention_bias={"never": False, "always": True, "config": config_bias}[family.qkv_bias],
+            sliding_window=sliding_window,
             tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
             max_position_embeddings=hf_config.max_position_embeddings,
+            o_proj_bias=family.o_proj_bias and config_bias,
+            qk_norm=family.qk_norm,
+            full_attention_layers=full_attention_layers,
+            **_read_experts(hf_config, family),
         )
+
+    def window_of(self, block: int) -> int | None:
+        """The sliding window of block `block` (None: it attends to every earlier token)."""
+        return None if block in self.full_attention_layers else self.sliding_window
+
+    def is_moe(self, block: int) -> bool:
+        """Whether block `block` has a mixture of experts as its MLP."""
+        return self.num_experts > 0 and block not in self.dense_layers
 
     def fingerprint(self) -> str:
         """A short hex hash of all fields; equal configs give equal fingerprints in every process."""
@@ -94,13 +120,42 @@ def _normalize_rope_scaling(scaling: dict, max_position_embeddings: int) -> dict
     return {"rope_type": rope_type, **{key: scaling[key] for key in _ROPE_KEYS[rope_type]}}
 
 
-def _read_sliding_window(hf_config: Any) -> int | None:
-    if hf_config.model_type == "llama":
-        return None
+def _read_sliding_window(hf_config: Any, family: Family) -> tuple[int | None, tuple[int, ...]]:
+    """The window and the layers exempt from it (per transformers' `layer_types`, or Qwen's `max_window_layers`:
+    the layers before it attend fully)."""
     window = getattr(hf_config, "sliding_window", None)
-    if hf_config.model_type == "qwen2" and not getattr(hf_config, "use_sliding_window", False):
-        return None
+    if family.sliding_window == "opt_in" and not getattr(hf_config, "use_sliding_window", False):
+        window = None
+    if family.sliding_window == "never" or not window:
+        return None, ()
     layer_types = getattr(hf_config, "layer_types", None)
-    if window is not None and layer_types and len(set(layer_types)) > 1:
-        raise ValueError("models mixing sliding-window and full-attention layers are not supported")
-    return window
+    if layer_types is None and hasattr(hf_config, "max_window_layers"):
+        first_windowed = hf_config.max_window_layers
+        layer_types = [
+            "sliding_attention" if i >= first_windowed else "full_attention" for i in range(hf_config.num_hidden_layers)
+        ]
+    unknown = set(layer_types or ()) - {"sliding_attention", "full_attention"}
+    if unknown:
+        raise ValueError(f"unsupported layer types {sorted(unknown)}; supported: sliding_attention, full_attention")
+    return int(window), tuple(i for i, kind in enumerate(layer_types or ()) if kind == "full_attention")
+
+
+def _read_experts(hf_config: Any, family: Family) -> dict[str, Any]:
+    """The mixture-of-experts fields of ModelConfig (none for a dense family)."""
+    num_experts = getattr(hf_config, family.num_experts, 0) if family.num_experts else 0
+    if not num_experts:
+        return {}
+    if not 0 < hf_config.num_experts_per_tok <= num_experts:
+        raise ValueError(f"num_experts_per_tok must be in [1, {num_experts}], got {hf_config.num_experts_per_tok}")
+    normalize = family.normalize_expert_weights
+    sparse_step = getattr(hf_config, "decoder_sparse_step", 1) or 1
+    dense = set(getattr(hf_config, "mlp_only_layers", None) or ())
+    dense |= {i for i in range(hf_config.num_hidden_layers) if (i + 1) % sparse_step}
+    return dict(
+        num_experts=num_experts,
+        experts_per_token=hf_config.num_experts_per_tok,
+        expert_intermediate_size=getattr(hf_config, family.expert_intermediate_size),
+        normalize_expert_weights=bool(getattr(hf_config, normalize) if isinstance(normalize, str) else normalize),
+        shared_expert_intermediate_size=getattr(hf_config, "shared_expert_intermediate_size", 0) or 0,
+        dense_layers=tuple(sorted(dense)),
+    )

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import huggingface_hub
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 from blockswarm.models.block import TransformerBlock
 from blockswarm.models.config import ModelConfig
 from blockswarm.models.ends import ModelEnds
+from blockswarm.models.families import checkpoint_name
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -77,13 +79,16 @@ def load_blocks(
         raise ValueError(f"block range [{start}, {end}) is not a non-empty part of [0, {config.num_blocks})")
     with _Checkpoint(name_or_path) as checkpoint:
         prefix = checkpoint.prefix + "layers."
-        with torch.device("meta"):
-            block_names = list(TransformerBlock(config).state_dict())
-        checkpoint.prepare([f"{prefix}{i}.{name}" for i in range(start, end) for name in block_names])
+        names_of = {}  # block -> {our name: the checkpoint's name}
+        for i in range(start, end):
+            with torch.device("meta"):
+                ours = TransformerBlock(config, i).state_dict()
+            names_of[i] = {name: f"{prefix}{i}.{checkpoint_name(config.family, name)}" for name in ours}
+        checkpoint.prepare([name for names in names_of.values() for name in names.values()])
         blocks = []
         for i in tqdm(range(start, end), desc=f"Loading blocks {start}:{end}", unit="block", disable=not progress):
-            names = {name: f"{prefix}{i}.{name}" for name in block_names}
-            blocks.append(_build(TransformerBlock, config, checkpoint.read(names, dtype, device)))
+            tensors = checkpoint.read(names_of[i], dtype, device)
+            blocks.append(_build(lambda i=i: TransformerBlock(config, i), tensors))
     return blocks
 
 
@@ -97,7 +102,7 @@ def load_ends(
         if not config.tie_word_embeddings:
             names["lm_head.weight"] = "lm_head.weight"
         checkpoint.prepare(list(names.values()))
-        return _build(ModelEnds, config, checkpoint.read(names, dtype, device))
+        return _build(lambda: ModelEnds(config), checkpoint.read(names, dtype, device))
 
 
 def weights_fingerprint(name_or_path: str | Path) -> str:
@@ -178,10 +183,10 @@ class _Checkpoint:
         return self._open[filename]
 
 
-def _build(module_class: type, config: ModelConfig, state_dict: dict) -> torch.nn.Module:
+def _build(make: Callable[[], torch.nn.Module], state_dict: dict) -> torch.nn.Module:
     """Instantiate without allocating or initializing weights, then adopt the loaded tensors."""
     with torch.device("meta"):
-        module = module_class(config)
+        module = make()
     module.load_state_dict(state_dict, strict=True, assign=True)
     return module.eval().requires_grad_(False)
 

@@ -1,6 +1,7 @@
 """Weight quantization of the blocks a peer serves, with bitsandbytes: LLM.int8 ("int8") or QLoRA's NF4 ("nf4").
 
-Only the seven projections of a block are quantized (they hold ~all of its bytes); norms stay in the block's dtype.
+The projections of a block are quantized (attention, the MLP or every expert of a mixture: ~all of its bytes); norms
+and the routers of a mixture of experts stay in the block's dtype (few bytes, and they decide which experts run).
 Both types run forward (with or without a KV cache, with or without grad) and backward w.r.t. the input hidden
 states, on CPU and CUDA. The quantized weights themselves are frozen: bitsandbytes has no gradient for them.
 
@@ -31,18 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blockswarm.models.block import TransformerBlock
+from blockswarm.models.block import SparseMoE, TransformerBlock
 
 QUANT_TYPES = ("none", "int8", "nf4")
-LINEAR_NAMES = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
 INT8_OUTLIER_THRESHOLD = 6.0  # LLM.int8's default: activation columns above it are multiplied in full precision
 NF4_BLOCKSIZE = 64  # QLoRA's block size (one absmax per 64 weights), with QLoRA's double quantization of absmax
 
@@ -59,7 +51,8 @@ def quantize_block(block: TransformerBlock, quant: str, device: torch.device | s
     if quant == "none":
         return block
     device = torch.device(device)
-    for name in LINEAR_NAMES:
+    names = projection_names(block)
+    for name in names:
         parent_name, _, attr = name.rpartition(".")
         parent = block.get_submodule(parent_name)
         linear = getattr(parent, attr)
@@ -68,7 +61,7 @@ def quantize_block(block: TransformerBlock, quant: str, device: torch.device | s
         setattr(parent, attr, _int8_layer(linear) if quant == "int8" else _nf4_layer(linear))
     block.to(device)  # bitsandbytes quantizes the weights here, on `device`; the norms just move
     quantized_weights = set()
-    for name in LINEAR_NAMES:
+    for name in names:
         layer = block.get_submodule(name)
         if hasattr(layer, "init_8bit_state"):
             layer.init_8bit_state()  # what the first forward would do: now, so that forward never changes state
@@ -79,6 +72,14 @@ def quantize_block(block: TransformerBlock, quant: str, device: torch.device | s
         if id(tensor) not in quantized_weights:
             tensor.data = tensor.data.clone()
     return block
+
+
+def projection_names(block: TransformerBlock) -> list[str]:
+    """The names of the block's linear layers that quantization replaces: all but the routers of experts."""
+    routers = {id(layer) for module in block.modules() if isinstance(module, SparseMoE) for layer in module.routers()}
+    return [
+        name for name, module in block.named_modules() if isinstance(module, nn.Linear) and id(module) not in routers
+    ]
 
 
 def block_memory_bytes(block: nn.Module) -> int:

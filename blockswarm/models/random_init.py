@@ -55,6 +55,14 @@ FAMILIES = {
     ),
     "mistral": dict(rope_theta=10000.0, sliding_window=128),
     "qwen2": dict(rope_theta=1000000.0, tie_word_embeddings=True),
+    # q/k norms; windowed attention from block 4 on (blocks 0-3 attend fully), a window generation exceeds
+    "qwen3": dict(
+        rope_theta=1000000.0, tie_word_embeddings=True, use_sliding_window=True, sliding_window=16, max_window_layers=4
+    ),
+    "mixtral": dict(rope_theta=1000000.0, num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(
+        rope_theta=1000000.0, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=256, norm_topk_prob=True
+    ),
 }
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0..3

@@ -137,6 +137,7 @@ class Crawler:
                 checked_at=time.time(),
                 rtt_ms=(time.perf_counter() - began) * 1000,
                 training_step=status.training_step,
+                memory_per_block=status.memory_per_block,
             )
         except TimeoutError:
             result = Reachability(

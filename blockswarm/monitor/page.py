@@ -202,6 +202,7 @@ PEER_COLUMNS = (
     "Throughput",
     "Inference / forward rps",
     "Dtype / quant",
+    "Memory / block",
     "Codecs",
     "Version",
     "Free cache tokens",
@@ -248,6 +249,7 @@ def _peer_row(peer: PeerRecord, num_blocks: int) -> str:
         _td(_number(peer.throughput), numeric=True),
         _td(" / ".join(_rps(rps) for rps in (peer.inference_rps, peer.forward_rps)), numeric=True),
         _td(f"{escape(peer.dtype)} / {escape(peer.quant)}"),
+        _td(_bytes(peer.memory_per_block), numeric=True),
         _td(escape(", ".join(peer.codecs))),
         _td(escape(peer.version or "–")),
         _td(str(peer.cache_tokens_left), numeric=True),
@@ -255,6 +257,16 @@ def _peer_row(peer: PeerRecord, num_blocks: int) -> str:
         _td(pings),
     ]
     return f'<tr data-peer-id="{peer.peer_id}" data-state="{peer.state.value}">{"".join(cells)}</tr>'
+
+
+def _bytes(count: int | None) -> str:
+    """1536 -> "1.5 KiB"."""
+    if count is None:
+        return "–"
+    power = 0
+    while count >= 1024 ** (power + 1) and power < 3:
+        power += 1
+    return f"{count / 1024**power:.1f} {('B', 'KiB', 'MiB', 'GiB')[power]}"
 
 
 def _training(peer: PeerRecord) -> str:

@@ -24,6 +24,7 @@ class Reachability(BaseModel):
     rtt_ms: float | None = None
     error: str | None = None
     training_step: int | None = None  # the optimizer steps of its SWARM stage, as it replied; None when frozen
+    memory_per_block: int | None = None  # bytes it keeps resident per served block, as it replied
 
 
 class PeerRecord(BaseModel):
@@ -53,6 +54,7 @@ class PeerRecord(BaseModel):
     lie_reports: int = 0  # distinct clients whose spot checks caught it returning wrong outputs (unverified claims)
     training: bool = False  # a SWARM training peer (--train): its stage is its span [start, end)
     training_step: int | None = None  # its stage's optimizer steps, from its `info` reply
+    memory_per_block: int | None = None  # resident bytes per served block, from its `info` reply
 
     @property
     def serving(self) -> bool:
@@ -112,6 +114,7 @@ def peer_record(
         rtt_ms=reachability.rtt_ms if reachability else None,
         error=reachability.error if reachability else None,
         training_step=reachability.training_step if reachability else None,
+        memory_per_block=reachability.memory_per_block if reachability else None,
         **info.model_dump(
             include={
                 "public_name",

@@ -49,11 +49,13 @@ def receive_adapter(
             raise AdapterError(
                 f"deep prompts must have batch dimension 1 or {batch_size}, got {adapter.prompts.shape[1]}"
             )
+    try:
+        shapes = {target: lora_shapes(config, target, spec.lora_rank) for target in spec.lora_targets}
+    except ValueError as e:  # a target this model has no LoRA for
+        raise AdapterError(str(e)) from None
     for block, tensors_of_block in enumerate(adapter.lora):
         for index, target in enumerate(spec.lora_targets):
-            for tensor, shape, kind in zip(
-                tensors_of_block[2 * index : 2 * index + 2], lora_shapes(config, target, spec.lora_rank), "AB"
-            ):
+            for tensor, shape, kind in zip(tensors_of_block[2 * index : 2 * index + 2], shapes[target], "AB"):
                 _check_shape(f"LoRA {kind} of {target} in block {block} of the span", tensor, shape)
     for tensor in tensors:
         if not torch.isfinite(tensor).all():
