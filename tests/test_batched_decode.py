@@ -179,3 +179,31 @@ def test_inputs_are_not_modified():
         ]
     )
     assert all(torch.equal(a, b) for a, b in zip(hiddens, kept))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_training_backward_gives_experts_their_gradients(family):
+    """A SWARM stage learns from backward: every parameter gets its gradient, experts that no token chose zeros."""
+    backend = make_backend(family)
+    for parameter in backend.parameters():
+        parameter.requires_grad_(True)
+    learned = []
+    backend.learn = lambda grads, batch_size: learned.append(grads)
+    hidden = torch.randn(1, 2, HIDDEN, generator=torch.Generator().manual_seed(5))  # 2 tokens x top-2 of 4 experts
+    grad_output = torch.randn(1, 2, HIDDEN, generator=torch.Generator().manual_seed(6))
+    backend.backward(PEER_START, PEER_START + NUM_BLOCKS, hidden, grad_output, train=True)
+
+    outputs = hidden
+    for block in backend.blocks:
+        outputs = block(outputs)
+    expected = torch.autograd.grad(outputs, backend.parameters(), grad_output, allow_unused=True)
+    (grads,) = learned
+    assert len(grads) == len(expected) == len(backend.parameters())
+    unused = 0
+    for grad, wanted in zip(grads, expected):
+        if wanted is None:
+            unused += 1
+            assert not grad.any()
+        else:
+            assert max_diff(grad, wanted) <= TOL
+    assert unused > 0  # some expert was chosen by no token: the case this test is about
