@@ -322,6 +322,48 @@ def test_config_from_old_style_fields():
         )
 
 
+def test_config_reads_windows_and_experts_per_layer():
+    qwen3 = types.SimpleNamespace(
+        model_type="qwen3",
+        num_hidden_layers=4,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+        rms_norm_eps=1e-6,
+        rope_theta=1e6,
+        max_position_embeddings=64,
+        use_sliding_window=True,
+        sliding_window=8,
+        max_window_layers=1,  # a 4.x config: no layer_types
+    )
+    config = ModelConfig.from_hf(qwen3)
+    assert config.qk_norm and [config.window_of(i) for i in range(4)] == [None, 8, 8, 8]
+    assert (
+        ModelConfig.from_hf(types.SimpleNamespace(**{**vars(qwen3), "use_sliding_window": False})).sliding_window
+        is None
+    )
+    chunked = types.SimpleNamespace(**{**vars(qwen3), "layer_types": ["chunked_attention"] * 4})
+    with pytest.raises(ValueError, match="chunked_attention"):
+        ModelConfig.from_hf(chunked)
+
+    moe = types.SimpleNamespace(
+        **{**vars(qwen3), "model_type": "qwen3_moe", "use_sliding_window": False},
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        norm_topk_prob=False,
+        decoder_sparse_step=2,  # blocks 1 and 3 are sparse ...
+        mlp_only_layers=[3],  # ... but 3 is dense anyway
+    )
+    config = ModelConfig.from_hf(moe)
+    assert [config.is_moe(i) for i in range(4)] == [False, True, False, False]
+    assert (config.expert_intermediate_size, config.normalize_expert_weights) == (32, False)
+    with pytest.raises(ValueError, match=r"num_experts_per_tok must be in \[1, 4\], got 5"):
+        ModelConfig.from_hf(types.SimpleNamespace(**{**vars(moe), "num_experts_per_tok": 5}))
+
+
 # ---------------------------------------------------------------- random models
 
 
