@@ -29,7 +29,7 @@ from blockswarm.client.generation import token_steps  # noqa: E402
 from blockswarm.client.sampling import SamplingParams  # noqa: E402
 from blockswarm.local_swarm import LocalSwarm  # noqa: E402
 from blockswarm.models import KVCache, load_blocks, load_config, load_ends  # noqa: E402
-from blockswarm.models.random_init import FAMILIES, init_random_model  # noqa: E402
+from blockswarm.models.random_init import FAMILY_SETTINGS, init_random_model  # noqa: E402
 
 PROMPT = torch.randint(3, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
 
@@ -109,7 +109,7 @@ def spans(num_blocks: int, peers: int) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--preset", default="tiny", choices=["tiny", "small", "medium"])
-    parser.add_argument("--family", default="llama", choices=list(FAMILIES))
+    parser.add_argument("--family", default="llama", choices=list(FAMILY_SETTINGS))
     parser.add_argument("--peers", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=9, help="alternating local/swarm rounds")

@@ -22,8 +22,9 @@ from blockswarm.models import (
     resolve_checkpoint,
     weights_fingerprint,
 )
+from blockswarm.models.config import SUPPORTED_FAMILIES
 from blockswarm.models.families import checkpoint_name
-from blockswarm.models.random_init import FAMILIES, PRESETS, init_random_model, random_model_config
+from blockswarm.models.random_init import FAMILY_SETTINGS, PRESETS, init_random_model, random_model_config
 
 TOL = 1e-5
 SEQ = 12
@@ -314,6 +315,9 @@ def test_config_from_old_style_fields():
         )
         == 2
     )
+    # the config of test_config_from_old_style_fields hashed as the release before MoE families did: peers and
+    # clients of both releases still agree on the models they both serve
+    assert config.fingerprint() == "b4115681b3332b2f"
     with pytest.raises(ValueError, match="model_type 'gpt2'"):
         ModelConfig.from_hf(types.SimpleNamespace(**{**vars(old), "model_type": "gpt2"}))
     with pytest.raises(ValueError, match="rope type 'yarn'"):
@@ -359,6 +363,8 @@ def test_config_reads_windows_and_experts_per_layer():
     )
     config = ModelConfig.from_hf(moe)
     assert [config.is_moe(i) for i in range(4)] == [False, True, False, False]
+    windowed = ModelConfig.from_hf(types.SimpleNamespace(**{**vars(moe), "use_sliding_window": True}))
+    assert [windowed.window_of(i) for i in range(4)] == [8] * 4  # every layer: max_window_layers is Qwen2/3's
     assert (config.expert_intermediate_size, config.normalize_expert_weights) == (32, False)
     with pytest.raises(ValueError, match=r"num_experts_per_tok must be in \[1, 4\], got 5"):
         ModelConfig.from_hf(types.SimpleNamespace(**{**vars(moe), "num_experts_per_tok": 5}))
@@ -367,7 +373,7 @@ def test_config_reads_windows_and_experts_per_layer():
 # ---------------------------------------------------------------- random models
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", list(FAMILY_SETTINGS))
 def test_init_random_model_tiny(tmp_path, family):
     state = torch.random.get_rng_state()
     path = init_random_model(tmp_path / family, "tiny", family, seed=0)
@@ -420,7 +426,7 @@ def test_init_random_model_seeds_and_shards(tmp_path):
 
 
 @pytest.mark.parametrize("preset", ["small", "medium"])
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", list(FAMILY_SETTINGS))
 def test_larger_preset_configs(preset, family):
     config = ModelConfig.from_hf(random_model_config(preset, family))
     sizes = PRESETS[preset]
@@ -433,11 +439,25 @@ def test_larger_preset_configs(preset, family):
 def test_init_model_command_offers_every_family():
     from blockswarm.cli.parser import build_parser
 
-    for family in FAMILIES:
+    assert list(FAMILY_SETTINGS) == list(SUPPORTED_FAMILIES)  # a random model of every family blocks serve
+    for family in FAMILY_SETTINGS:
         assert build_parser().parse_args(["init-model", "out", "--family", family]).family == family
 
 
 # ---------------------------------------------------------------- mixtures of experts
+
+
+def _copy_experts(theirs: torch.nn.Module, ours: torch.nn.Module) -> None:
+    """transformers' mixture (experts fused into 3-D tensors) into ours (a module per expert)."""
+    ours.gate.weight.data.copy_(theirs.gate.weight)
+    for index, expert in enumerate(ours.experts):
+        gate, up = theirs.experts.gate_up_proj[index].chunk(2)
+        expert.gate_proj.weight.data.copy_(gate)
+        expert.up_proj.weight.data.copy_(up)
+        expert.down_proj.weight.data.copy_(theirs.experts.down_proj[index])
+    if ours.shared_expert is not None:
+        ours.shared_expert.load_state_dict(theirs.shared_expert.state_dict())
+        ours.shared_expert_gate.weight.data.copy_(theirs.shared_expert_gate.weight)
 
 
 def test_shared_expert_matches_transformers():
@@ -463,18 +483,34 @@ def test_shared_expert_matches_transformers():
         shared_expert_intermediate_size=48,
     )
     ours = TransformerBlock(config, 0).mlp
-    experts = theirs.experts
-    ours.gate.weight.data.copy_(theirs.gate.weight)
-    for index, expert in enumerate(ours.experts):
-        gate, up = experts.gate_up_proj[index].chunk(2)
-        expert.gate_proj.weight.data.copy_(gate)
-        expert.up_proj.weight.data.copy_(up)
-        expert.down_proj.weight.data.copy_(experts.down_proj[index])
-    ours.shared_expert.load_state_dict(theirs.shared_expert.state_dict())
-    ours.shared_expert_gate.weight.data.copy_(theirs.shared_expert_gate.weight)
+    _copy_experts(theirs, ours)
     hidden = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert max_diff(ours(hidden), theirs(hidden)) <= TOL
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(model_type="mixtral", num_local_experts=8, num_experts_per_tok=2),
+        dict(model_type="qwen3_moe", num_experts=16, num_experts_per_tok=8, moe_intermediate_size=32),
+    ],
+)
+def test_experts_in_bf16_round_like_transformers(variant):
+    """In bf16, routing weights (fp32 for Mixtral, bf16 for Qwen3-MoE) and the fp32 sum of the weighted expert
+    outputs give transformers' outputs bit for bit."""
+    kwargs = dict(variant)
+    hf_config = AutoConfig.for_model(kwargs.pop("model_type"), **SIZES, **kwargs)
+    torch.manual_seed(0)
+    theirs = AutoModelForCausalLM.from_config(hf_config).model.layers[0].mlp
+    for parameter in theirs.parameters():
+        torch.nn.init.normal_(parameter, std=0.1)
+    ours = TransformerBlock(ModelConfig.from_hf(hf_config), 0).mlp
+    _copy_experts(theirs, ours)
+    theirs, ours = theirs.to(torch.bfloat16), ours.to(torch.bfloat16)
+    hidden = torch.randn(4, 64, SIZES["hidden_size"], generator=torch.Generator().manual_seed(1)).bfloat16()
+    with torch.no_grad():
+        assert torch.equal(ours(hidden), theirs(hidden))
 
 
 def _config_fields() -> dict:

@@ -2,9 +2,9 @@
 and Qwen3-MoE.
 
 The families differ in small switches read from `ModelConfig`: biases, q/k norms, the sliding window of each
-layer, and a mixture of experts in place of the dense MLP. Submodule names follow transformers' decoder layers
-(Qwen's naming of experts), so `model.layers.{i}.*` tensors of a checkpoint load into a block once the prefix is
-stripped and, for Mixtral, renamed (`families.checkpoint_name`).
+layer, and a mixture of experts in place of the dense MLP. Submodule names follow the checkpoints' tensor names
+(one module per expert, named as Qwen-MoE checkpoints name them), so `model.layers.{i}.*` tensors of a checkpoint
+load into a block once the prefix is stripped and, for Mixtral, renamed (`families.checkpoint_name`).
 """
 
 from __future__ import annotations
@@ -160,12 +160,14 @@ class MLP(nn.Module):
 class SparseMoE(nn.Module):
     """A mixture of SwiGLU experts: a router picks `experts_per_token` experts per token (softmax, top-k, and the
     family's renormalization), and each expert runs once over all the tokens routed to it. A shared expert, if the
-    config has one, sees every token, scaled by a sigmoid gate (Qwen-MoE). LoRA of experts is refused upstream
-    (`adapters.lora_shapes`), so adapters never reach this module."""
+    config has one, sees every token, scaled by a sigmoid gate (Qwen-MoE). Weighted expert outputs are summed in
+    fp32 and rounded once, as transformers does. It accepts a block's adapter and ignores it: LoRA of experts is
+    refused upstream (`adapters.lora_shapes`)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.top_k, self.normalize = config.experts_per_token, config.normalize_expert_weights
+        self.round_weights = config.round_routing_weights
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
         self.experts = nn.ModuleList(
             MLP(config.hidden_size, config.expert_intermediate_size) for _ in range(config.num_experts)
@@ -185,17 +187,21 @@ class SparseMoE(nn.Module):
         weights, chosen = probabilities.topk(self.top_k, dim=-1)  # [tokens, top_k]
         if self.normalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.round_weights:
+            weights = weights.to(rows.dtype)
         # (token, choice) pairs sorted by expert: each expert's tokens are one contiguous run
         order = chosen.flatten().argsort(stable=True)
-        tokens, pair_weights = order // self.top_k, weights.flatten()[order].to(rows.dtype)
+        tokens, pair_weights = order // self.top_k, weights.flatten()[order]
         runs = torch.bincount(chosen.flatten(), minlength=len(self.experts)).tolist()
-        out = torch.zeros_like(rows)
+        out = torch.zeros(rows.shape, dtype=torch.float32, device=rows.device)
         start = 0
         for expert, count in zip(self.experts, runs):
             if count:
                 mine = tokens[start : start + count]
-                out.index_add_(0, mine, expert(rows[mine]) * pair_weights[start : start + count, None])
+                weighted = expert(rows[mine]) * pair_weights[start : start + count, None]
+                out.index_add_(0, mine, weighted.float())
                 start += count
+        out = out.to(rows.dtype)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(rows)) * self.shared_expert(rows)
         return out.view_as(x)

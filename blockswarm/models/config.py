@@ -46,6 +46,7 @@ class ModelConfig:
     experts_per_token: int = 0
     expert_intermediate_size: int = 0
     normalize_expert_weights: bool = False  # top-k routing weights renormalized to sum to 1
+    round_routing_weights: bool = False  # routing weights in the hidden states' dtype, not fp32, when weighting
     shared_expert_intermediate_size: int = 0  # 0: no shared expert
     dense_layers: tuple[int, ...] = ()  # layers of a mixture-of-experts model with a dense MLP
 
@@ -93,8 +94,14 @@ class ModelConfig:
         return self.num_experts > 0 and block not in self.dense_layers
 
     def fingerprint(self) -> str:
-        """A short hex hash of all fields; equal configs give equal fingerprints in every process."""
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        """A short hex hash of the fields; equal configs give equal fingerprints in every process. Fields at their
+        defaults are left out, so fields added for new families keep older models' fingerprints."""
+        fields = {
+            field.name: getattr(self, field.name)
+            for field in dataclasses.fields(self)
+            if field.default is dataclasses.MISSING or getattr(self, field.name) != field.default
+        }
+        blob = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def __hash__(self) -> int:  # the generated hash would fail on the rope_scaling dict
@@ -121,13 +128,15 @@ def _normalize_rope_scaling(scaling: dict, max_position_embeddings: int) -> dict
 
 
 def _read_sliding_window(hf_config: Any, family: Family) -> tuple[int | None, tuple[int, ...]]:
-    """The window and the layers exempt from it (per transformers' `layer_types`, or Qwen's `max_window_layers`:
-    the layers before it attend fully)."""
+    """The window and the layers exempt from it: none, or for families with windows per layer, those transformers'
+    `layer_types` say attend fully (in a 4.x config without them, the layers before Qwen's `max_window_layers`)."""
     window = getattr(hf_config, "sliding_window", None)
     if family.sliding_window == "opt_in" and not getattr(hf_config, "use_sliding_window", False):
         window = None
     if family.sliding_window == "never" or not window:
         return None, ()
+    if not family.window_per_layer:
+        return int(window), ()
     layer_types = getattr(hf_config, "layer_types", None)
     if layer_types is None and hasattr(hf_config, "max_window_layers"):
         first_windowed = hf_config.max_window_layers
@@ -142,20 +151,21 @@ def _read_sliding_window(hf_config: Any, family: Family) -> tuple[int | None, tu
 
 def _read_experts(hf_config: Any, family: Family) -> dict[str, Any]:
     """The mixture-of-experts fields of ModelConfig (none for a dense family)."""
-    num_experts = getattr(hf_config, family.num_experts, 0) if family.num_experts else 0
+    num_experts = getattr(hf_config, family.num_experts_field, 0) if family.num_experts_field else 0
     if not num_experts:
         return {}
     if not 0 < hf_config.num_experts_per_tok <= num_experts:
         raise ValueError(f"num_experts_per_tok must be in [1, {num_experts}], got {hf_config.num_experts_per_tok}")
-    normalize = family.normalize_expert_weights
+    normalize = family.normalize_field
     sparse_step = getattr(hf_config, "decoder_sparse_step", 1) or 1
     dense = set(getattr(hf_config, "mlp_only_layers", None) or ())
     dense |= {i for i in range(hf_config.num_hidden_layers) if (i + 1) % sparse_step}
     return dict(
         num_experts=num_experts,
         experts_per_token=hf_config.num_experts_per_tok,
-        expert_intermediate_size=getattr(hf_config, family.expert_intermediate_size),
-        normalize_expert_weights=bool(getattr(hf_config, normalize) if isinstance(normalize, str) else normalize),
+        expert_intermediate_size=getattr(hf_config, family.expert_size_field),
+        normalize_expert_weights=normalize is None or bool(getattr(hf_config, normalize)),
+        round_routing_weights=family.round_routing_weights,
         shared_expert_intermediate_size=getattr(hf_config, "shared_expert_intermediate_size", 0) or 0,
         dense_layers=tuple(sorted(dense)),
     )

@@ -19,9 +19,13 @@ class Family:
     o_proj_bias: bool  # o_proj has a bias when the config's attention_bias says so
     qk_norm: bool = False  # RMSNorm over each head of q and k before rotary positions (Qwen3)
     sliding_window: Literal["never", "config", "opt_in"] = "never"  # "opt_in": only with use_sliding_window
-    num_experts: str | None = None  # config field with the number of experts; None: a dense MLP only
-    expert_intermediate_size: str = "intermediate_size"  # config field with each expert's hidden size
-    normalize_expert_weights: bool | str = True  # renormalize the top-k routing weights (or the config field)
+    window_per_layer: bool = False  # `layer_types` (or Qwen's `max_window_layers`) say which layers use the window
+    num_experts_field: str | None = None  # config field with the number of experts; None: a dense MLP only
+    expert_size_field: str = "intermediate_size"  # config field with each expert's hidden size
+    normalize_field: str | None = (
+        None  # config field saying whether top-k routing weights are renormalized; None: always
+    )
+    round_routing_weights: bool = False  # routing weights cast to the hidden states' dtype before weighting (Qwen3-MoE)
     # (our name, the checkpoint's name) as regex substitutions on a block's tensor names, where they differ
     checkpoint_names: tuple[tuple[str, str], ...] = ()
 
@@ -29,13 +33,13 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "llama": Family(qkv_bias="config", o_proj_bias=True),
     "mistral": Family(qkv_bias="never", o_proj_bias=False, sliding_window="config"),
-    "qwen2": Family(qkv_bias="always", o_proj_bias=False, sliding_window="opt_in"),
-    "qwen3": Family(qkv_bias="config", o_proj_bias=True, qk_norm=True, sliding_window="opt_in"),
+    "qwen2": Family(qkv_bias="always", o_proj_bias=False, sliding_window="opt_in", window_per_layer=True),
+    "qwen3": Family(qkv_bias="config", o_proj_bias=True, qk_norm=True, sliding_window="opt_in", window_per_layer=True),
     "mixtral": Family(
         qkv_bias="never",
         o_proj_bias=False,
         sliding_window="config",
-        num_experts="num_local_experts",
+        num_experts_field="num_local_experts",
         checkpoint_names=(
             (r"^mlp\.gate\.", "block_sparse_moe.gate."),
             (r"^mlp\.experts\.(\d+)\.gate_proj\.", r"block_sparse_moe.experts.\1.w1."),
@@ -48,9 +52,10 @@ FAMILIES: dict[str, Family] = {
         o_proj_bias=True,
         qk_norm=True,
         sliding_window="opt_in",
-        num_experts="num_experts",
-        expert_intermediate_size="moe_intermediate_size",
-        normalize_expert_weights="norm_topk_prob",
+        num_experts_field="num_experts",
+        expert_size_field="moe_intermediate_size",
+        normalize_field="norm_topk_prob",
+        round_routing_weights=True,
     ),
 }
 

@@ -42,7 +42,7 @@ PRESETS = {
 }
 
 # What makes each family different, so that every code path of the blocks is exercised by some preset.
-FAMILIES = {
+FAMILY_SETTINGS = {
     "llama": dict(
         rope_theta=500000.0,
         rope_scaling=dict(
@@ -87,8 +87,8 @@ def init_random_model(
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
+    if family not in FAMILY_SETTINGS:
+        raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILY_SETTINGS)}")
     from transformers import AutoModelForCausalLM
 
     out_dir = Path(out_dir)
@@ -110,7 +110,7 @@ def random_model_config(preset: str, family: str, initializer_range: float = INI
     return AutoConfig.for_model(
         family,
         **sizes,
-        **FAMILIES[family],
+        **FAMILY_SETTINGS[family],
         head_dim=sizes["hidden_size"] // sizes["num_attention_heads"],
         initializer_range=initializer_range,
         unk_token_id=0,

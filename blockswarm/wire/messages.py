@@ -122,7 +122,7 @@ class PeerStatus(Message):
     quant: str
     codecs: list[str]
     cache_tokens_left: int
-    memory_per_block: int  # bytes resident per served block: weights (quantized or not) and their state
+    memory_per_block: int  # bytes resident per served block (their mean): weights (quantized or not) and their state
     max_batch_tokens: int
     max_session_length: int
     session_timeout: float
