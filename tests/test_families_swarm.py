@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_tuning import lm_loss, local_logits, randomize
+from test_tuning import assert_gradients_equal_local
 from transformers import AutoModelForCausalLM
 
 from blockswarm.client import DistributedModelForCausalLM
@@ -82,19 +82,7 @@ def test_lora_gradients_equal_local(family_swarm):
     with DistributedModelForCausalLM.from_pretrained(
         family_swarm.checkpoint, family_swarm.swarm.initial_peers, codec="none", tuning=tuning
     ) as model:
-        randomize(model.adapters, seed=3)
-        swarm_loss = lm_loss(model(input_ids), input_ids)
-        swarm_loss.backward()
-        swarm_grads = {name: p.grad.clone() for name, p in model.adapters.named_parameters()}
-        model.adapters.zero_grad()
-        local_loss = lm_loss(local_logits(blocks, ends, model.adapters, input_ids), input_ids)
-        local_loss.backward()
-        local_grads = {name: p.grad for name, p in model.adapters.named_parameters()}
-    assert abs(swarm_loss.item() - local_loss.item()) <= 1e-4
-    for name, grad in swarm_grads.items():
-        assert local_grads[name].abs().max() > 0, f"{name} got no gradient: the test would prove nothing"
-        scale = max(1.0, local_grads[name].abs().max().item())
-        assert (grad - local_grads[name]).abs().max().item() <= 1e-4 * scale, name
+        assert_gradients_equal_local(model, blocks, ends, input_ids, seed=3)
 
 
 def test_lora_of_experts_is_refused_clearly(family_swarm):

@@ -4,10 +4,12 @@ and Qwen3-MoE."""
 import json
 import shutil
 import types
+from dataclasses import replace
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_batched_decode import make_config
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import blockswarm.models.loading as loading
@@ -283,21 +285,25 @@ def test_half_precision_close_to_fp32(checkpoints, dtype):
 # ---------------------------------------------------------------- config
 
 
+# a transformers 4.x Llama config's fields, as an old config.json would give them
+OLD_STYLE_FIELDS = dict(
+    model_type="llama",
+    num_hidden_layers=2,
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=100,
+    rms_norm_eps=1e-5,
+    rope_theta=5e5,
+    rope_scaling={"type": "linear", "factor": 2.0},
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+)
+
+
 def test_config_from_old_style_fields():
-    old = types.SimpleNamespace(
-        model_type="llama",
-        num_hidden_layers=2,
-        hidden_size=64,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=100,
-        rms_norm_eps=1e-5,
-        rope_theta=5e5,
-        rope_scaling={"type": "linear", "factor": 2.0},
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
+    old = types.SimpleNamespace(**OLD_STYLE_FIELDS)
     config = ModelConfig.from_hf(old)
     assert config.head_dim == 16 and config.rope_theta == 5e5
     assert config.rope_scaling == {"rope_type": "linear", "factor": 2.0}
@@ -328,16 +334,7 @@ def test_config_from_old_style_fields():
 
 def test_config_reads_windows_and_experts_per_layer():
     qwen3 = types.SimpleNamespace(
-        model_type="qwen3",
-        num_hidden_layers=4,
-        hidden_size=64,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=100,
-        rms_norm_eps=1e-6,
-        rope_theta=1e6,
-        max_position_embeddings=64,
+        **{**OLD_STYLE_FIELDS, "model_type": "qwen3", "num_hidden_layers": 4},
         use_sliding_window=True,
         sliding_window=8,
         max_window_layers=1,  # a 4.x config: no layer_types
@@ -477,11 +474,8 @@ def test_shared_expert_matches_transformers():
     theirs = Qwen2MoeSparseMoeBlock(hf_config)
     for parameter in theirs.parameters():
         torch.nn.init.normal_(parameter, std=0.1)
-    config = ModelConfig(
-        **{**_config_fields(), "num_experts": 4, "experts_per_token": 2, "expert_intermediate_size": 32},
-        normalize_expert_weights=True,
-        shared_expert_intermediate_size=48,
-    )
+    # 4 experts of 32, top-2, hidden size 64, block 0 sparse: add renormalization and a shared expert
+    config = replace(make_config("qwen3_moe"), normalize_expert_weights=True, shared_expert_intermediate_size=48)
     ours = TransformerBlock(config, 0).mlp
     _copy_experts(theirs, ours)
     hidden = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(1))
@@ -511,23 +505,3 @@ def test_experts_in_bf16_round_like_transformers(variant):
     hidden = torch.randn(4, 64, SIZES["hidden_size"], generator=torch.Generator().manual_seed(1)).bfloat16()
     with torch.no_grad():
         assert torch.equal(ours(hidden), theirs(hidden))
-
-
-def _config_fields() -> dict:
-    return dict(
-        family="qwen3_moe",
-        num_blocks=1,
-        hidden_size=64,
-        intermediate_size=128,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        vocab_size=128,
-        rms_norm_eps=1e-6,
-        rope_theta=1e6,
-        rope_scaling=None,
-        attention_bias=False,
-        sliding_window=None,
-        tie_word_embeddings=False,
-        max_position_embeddings=64,
-    )

@@ -63,14 +63,19 @@ def test_gradients_equal_local(swarm, tiny_model, local_parts, kind):
     with DistributedModelForCausalLM.from_pretrained(
         tiny_model, swarm.initial_peers, codec="none", tuning=TUNINGS[kind]
     ) as model:
-        randomize(model.adapters, seed=2)
-        swarm_loss = lm_loss(model(input_ids), input_ids)
-        swarm_loss.backward()
-        swarm_grads = {name: p.grad.clone() for name, p in model.adapters.named_parameters()}
-        model.adapters.zero_grad()
-        local_loss = lm_loss(local_logits(blocks, ends, model.adapters, input_ids), input_ids)
-        local_loss.backward()
-        local_grads = {name: p.grad for name, p in model.adapters.named_parameters()}
+        assert_gradients_equal_local(model, blocks, ends, input_ids, seed=2)
+
+
+def assert_gradients_equal_local(model, blocks, ends, input_ids: torch.Tensor, seed: int) -> None:
+    """Random adapters of `model`: the loss and every adapter gradient through the swarm equal the local model's."""
+    randomize(model.adapters, seed)
+    swarm_loss = lm_loss(model(input_ids), input_ids)
+    swarm_loss.backward()
+    swarm_grads = {name: p.grad.clone() for name, p in model.adapters.named_parameters()}
+    model.adapters.zero_grad()
+    local_loss = lm_loss(local_logits(blocks, ends, model.adapters, input_ids), input_ids)
+    local_loss.backward()
+    local_grads = {name: p.grad for name, p in model.adapters.named_parameters()}
     assert abs(swarm_loss.item() - local_loss.item()) <= 1e-4
     assert swarm_grads.keys() == local_grads.keys() and swarm_grads
     for name, grad in swarm_grads.items():
